@@ -1,0 +1,247 @@
+"""Checkpoints: Hugging Face folders (config.json + safetensors) -> params; orbax save/restore.
+
+`load_model(path)` takes either a Hugging Face folder or the output of `jaxinfer convert`
+(`jaxinfer.yaml` + an orbax `params/` folder + the tokenizer files).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxinfer.config import ModelConfig, RopeScaling, dump_yaml, load_config
+from jaxinfer.models import Model, abstract_params
+
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+CONVERTED_CONFIG = "jaxinfer.yaml"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja", "generation_config.json", "config.json")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint we cannot load: the message names the folder, the file or field, and why."""
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise CheckpointError(f"'{path}' is missing: a Hugging Face checkpoint folder needs it")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"'{path}' is not valid JSON: {e}") from None
+
+
+def _rope_from_hf(hf: dict, where: str) -> tuple[float, RopeScaling]:
+    """Reads RoPE theta and scaling from either `rope_parameters` (transformers >= 5) or the
+    older top-level `rope_theta` + `rope_scaling`."""
+    params = dict(hf.get("rope_parameters") or {})
+    scaling = dict(hf.get("rope_scaling") or {})
+    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    merged = {**scaling, **params}
+    kind = merged.get("rope_type", merged.get("type", "default"))
+    if kind not in ("default", "linear", "llama3"):
+        raise CheckpointError(f"{where}: rope scaling type '{kind}' is not supported (default, linear, llama3)")
+    fields = {f.name for f in dataclasses.fields(RopeScaling)} - {"rope_type"}
+    return theta, RopeScaling(rope_type=kind, **{k: v for k, v in merged.items() if k in fields})
+
+
+def config_from_hf(hf: dict, *, where: str = "config.json", dtype: str = "float32") -> ModelConfig:
+    """Maps a Hugging Face config dict to ours; any field we cannot honour is named in the error."""
+    family = hf.get("model_type")
+    if family not in SUPPORTED_FAMILIES:
+        raise CheckpointError(f"{where}: model_type '{family}' is not supported; jaxinfer runs "
+                              f"{', '.join(SUPPORTED_FAMILIES)}")
+    problems = []
+    if hf.get("hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act={hf['hidden_act']!r} (only 'silu')")
+    if hf.get("mlp_bias"):
+        problems.append("mlp_bias=true")
+    if hf.get("quantization_config"):
+        problems.append("quantization_config (pre-quantized checkpoints)")
+    if hf.get("use_sliding_window") or "sliding_attention" in (hf.get("layer_types") or []) and family != "mistral":
+        problems.append("use_sliding_window / per-layer sliding attention (only Mistral's global window)")
+    if problems:
+        raise CheckpointError(f"{where}: unsupported for model_type '{family}': {'; '.join(problems)}")
+    theta, scaling = _rope_from_hf(hf, where)
+    heads = hf["num_attention_heads"]
+    bias = bool(hf.get("attention_bias", False))
+    return ModelConfig(
+        name=hf.get("_name_or_path") or family, family=family, vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"], num_q_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads, ffw_size=hf["intermediate_size"],
+        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_theta=theta, rope_scaling=scaling,
+        max_position_embeddings=hf.get("max_position_embeddings", 2048),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        qkv_bias=bias or family == "qwen2", o_bias=bias, qk_norm=family == "qwen3",
+        sliding_window=hf.get("sliding_window") if family == "mistral" else None, dtype=dtype,
+    )
+
+
+def _hf_names(cfg: ModelConfig) -> dict[str, tuple[str, callable]]:
+    """Our param name -> (HF tensor name with {i} for the layer, HF array -> our layout)."""
+    D, N, K, H = cfg.hidden_size, cfg.num_q_heads, cfg.num_kv_heads, cfg.head_dim
+    a = "model.layers.{i}.self_attn."
+    m = "model.layers.{i}.mlp."
+    names = {
+        "embed": ("model.embed_tokens.weight", lambda w: w),
+        "attn_norm": ("model.layers.{i}.input_layernorm.weight", lambda w: w),
+        "wq": (a + "q_proj.weight", lambda w: w.T.reshape(D, N, H)),
+        "wk": (a + "k_proj.weight", lambda w: w.T.reshape(D, K, H)),
+        "wv": (a + "v_proj.weight", lambda w: w.T.reshape(D, K, H)),
+        "wo": (a + "o_proj.weight", lambda w: w.T.reshape(N, H, D)),
+        "mlp_norm": ("model.layers.{i}.post_attention_layernorm.weight", lambda w: w),
+        "w_gate": (m + "gate_proj.weight", lambda w: w.T),
+        "w_up": (m + "up_proj.weight", lambda w: w.T),
+        "w_down": (m + "down_proj.weight", lambda w: w.T),
+        "final_norm": ("model.norm.weight", lambda w: w),
+    }
+    if cfg.qkv_bias:
+        names |= {"bq": (a + "q_proj.bias", lambda w: w.reshape(N, H)),
+                  "bk": (a + "k_proj.bias", lambda w: w.reshape(K, H)),
+                  "bv": (a + "v_proj.bias", lambda w: w.reshape(K, H))}
+    if cfg.o_bias:
+        names["bo"] = (a + "o_proj.bias", lambda w: w)
+    if cfg.qk_norm:
+        names |= {"q_norm": (a + "q_norm.weight", lambda w: w), "k_norm": (a + "k_norm.weight", lambda w: w)}
+    if not cfg.tie_embeddings:
+        names["lm_head"] = ("lm_head.weight", lambda w: w.T)
+    return names
+
+
+class _TensorIndex:
+    """Tensor name -> safetensors file, over one file or the sharded set named by the index."""
+
+    def __init__(self, folder: Path):
+        from safetensors import safe_open
+
+        self._open = safe_open
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = _read_json(index)["weight_map"]
+            missing = sorted({f for f in weight_map.values() if not (folder / f).is_file()})
+            if missing:
+                raise CheckpointError(f"{index} names shard(s) that are missing: {', '.join(missing)}")
+            self.where = {name: folder / f for name, f in weight_map.items()}
+        else:
+            files = sorted(folder.glob("*.safetensors"))
+            if not files:
+                raise CheckpointError(f"'{folder}' has no *.safetensors weights (pytorch .bin files are "
+                                      "not read: re-save with safe_serialization=True)")
+            self.where = {}
+            for f in files:
+                with safe_open(f, framework="numpy") as h:
+                    self.where |= {k: f for k in h.keys()}
+        self._handles = {}
+
+    def get(self, name: str) -> np.ndarray:
+        if name not in self.where:
+            raise CheckpointError(f"tensor '{name}' is missing from the checkpoint")
+        f = self.where[name]
+        if f not in self._handles:
+            self._handles[f] = self._open(f, framework="numpy").__enter__()
+        return self._handles[f].get_tensor(name)
+
+
+def load_hf(folder: str | Path, dtype: str = "float32") -> Model:
+    """Loads a Hugging Face folder into params of `dtype`, one parameter at a time."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint folder '{folder}' does not exist")
+    hf = _read_json(folder / "config.json")
+    cfg = config_from_hf(hf, where=str(folder / "config.json"), dtype=dtype)
+    tensors = _TensorIndex(folder)
+    if cfg.tie_embeddings is False and "lm_head.weight" not in tensors.where and "tie_word_embeddings" not in hf:
+        cfg = dataclasses.replace(cfg, tie_embeddings=True)
+    graphdef, abstract = abstract_params(cfg)
+    shapes = abstract.to_pure_dict()
+    used, values = set(), {}
+    for ours, (pattern, convert) in _hf_names(cfg).items():
+        names = [pattern.format(i=i) for i in range(cfg.num_layers)] if "{i}" in pattern else [pattern]
+        arrays = []
+        for name in names:
+            arrays.append(convert(tensors.get(name)))
+            used.add(name)
+        value = np.stack(arrays) if "{i}" in pattern else arrays[0]
+        want = shapes[ours].shape
+        if value.shape != want:
+            raise CheckpointError(f"{folder}: tensor '{names[0]}' gives {ours} of shape {value.shape}, "
+                                  f"but config.json implies {want}")
+        values[ours] = jnp.asarray(value, dtype=shapes[ours].dtype)
+    ignorable = ("rotary_emb.inv_freq", "lm_head.weight")
+    unused = sorted(n for n in tensors.where if n not in used and not n.endswith(ignorable))
+    if unused:
+        raise CheckpointError(f"{folder}: {len(unused)} tensors that this architecture does not use, e.g. "
+                              f"{unused[:3]}; refusing to drop weights silently")
+    nnx.replace_by_pure_dict(abstract, values)
+    return Model(cfg, graphdef, abstract)
+
+
+def save_converted(model: Model, out_dir: str | Path, source: str | Path | None = None) -> Path:
+    """Writes `jaxinfer.yaml` + orbax `params/` (+ the source folder's tokenizer/config files)."""
+    import orbax.checkpoint as ocp
+
+    out = Path(out_dir).absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / "params").exists():
+        shutil.rmtree(out / "params")
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(out / "params", model.params.to_pure_dict())
+    dump_yaml(model.cfg, out / CONVERTED_CONFIG)
+    for name in TOKENIZER_FILES if source else ():
+        if (Path(source) / name).is_file():
+            shutil.copy(Path(source) / name, out / name)
+    return out
+
+
+def load_converted(folder: str | Path, dtype: str | None = None) -> Model:
+    import orbax.checkpoint as ocp
+
+    folder = Path(folder).absolute()
+    cfg = load_config(folder / CONVERTED_CONFIG, cls=ModelConfig)
+    graphdef, abstract = abstract_params(cfg)
+    with ocp.StandardCheckpointer() as ckptr:
+        values = ckptr.restore(folder / "params", abstract.to_pure_dict())
+    nnx.replace_by_pure_dict(abstract, values)
+    model = Model(cfg, graphdef, abstract)
+    return model if dtype in (None, cfg.dtype) else cast(model, dtype)
+
+
+def cast(model: Model, dtype: str) -> Model:
+    from jaxinfer.models import dtype_of
+
+    cfg = dataclasses.replace(model.cfg, dtype=dtype)
+    graphdef, _ = abstract_params(cfg)
+    params = jax.tree.map(lambda x: x.astype(dtype_of(dtype)), model.params)
+    return Model(cfg, graphdef, params)
+
+
+def load_model(path: str | Path, dtype: str | None = None) -> Model:
+    """A Hugging Face folder or a `jaxinfer convert` folder, cast to `dtype` (default: float32 for
+    HF folders, the saved dtype for converted ones)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint '{path}' does not exist")
+    if (path / CONVERTED_CONFIG).is_file():
+        return load_converted(path, dtype)
+    return load_hf(path, dtype or "float32")
+
+
+def stop_ids(folder: str | Path | None) -> tuple[int, ...]:
+    """EOS ids from generation_config.json (else config.json); empty when neither names one."""
+    if folder is None:
+        return ()
+    for name in ("generation_config.json", "config.json"):
+        path = Path(folder) / name
+        if path.is_file():
+            eos = json.loads(path.read_text()).get("eos_token_id")
+            if eos is not None:
+                return tuple(eos) if isinstance(eos, list) else (int(eos),)
+    return ()

@@ -1,0 +1,205 @@
+"""Frozen dataclasses that mirror YAML one to one; dotted command-line overrides; typo-proof loading.
+
+Every YAML file is a `RunConfig` (sections `model`, `sampling`, `decode`, ...). Unknown keys and
+mistyped values raise `ConfigError` naming the file, the dotted key and the expected type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration value: the message names the file, the key and the fix."""
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling, as in the Hugging Face `rope_scaling` / `rope_parameters` field."""
+
+    rope_type: str = "default"  # default | linear | llama3
+    factor: float = 1.0
+    low_freq_factor: float = 1.0  # llama3 only
+    high_freq_factor: float = 4.0  # llama3 only
+    original_max_position_embeddings: int = 8192  # llama3 only
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A Llama-family decoder. Families differ only by the switches below."""
+
+    name: str = "tiny-random"
+    family: str = "llama"  # llama | mistral | qwen2 | qwen3 (documentation; the switches decide)
+    vocab_size: int = 512
+    hidden_size: int = 128  # D
+    num_layers: int = 2  # L
+    num_q_heads: int = 4  # N
+    num_kv_heads: int = 2  # K
+    head_dim: int = 32  # H
+    ffw_size: int = 256  # F
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling = field(default_factory=RopeScaling)
+    max_position_embeddings: int = 2048
+    tie_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2 / Llama attention_bias
+    o_bias: bool = False  # Llama attention_bias
+    qk_norm: bool = False  # Qwen3: RMSNorm on q and k per head
+    sliding_window: int | None = None  # Mistral: a query sees the last `sliding_window` positions
+    dtype: str = "float32"  # computation and parameter dtype: float32 | bfloat16
+    init_std: float = 0.02  # random init only
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Default per-request sampling parameters (each request may carry its own)."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0 means greedy
+    top_k: int = 0  # 0 disables
+    top_p: float = 1.0  # 1 disables
+    min_p: float = 0.0  # 0 disables
+    seed: int = 0
+    logprobs: bool = False
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Shape buckets of the dense-cache `generate()`: one compile per (rows, prompt, cache) bucket."""
+
+    batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+    length_buckets: tuple[int, ...] = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """What `jaxinfer generate` runs: a model (checkpoint or random init), a tokenizer, sampling."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    checkpoint: str | None = None  # a Hugging Face folder or a `jaxinfer convert` output; None = random init
+    tokenizer: str = "byte"  # "byte", or a folder with tokenizer.json (default: the checkpoint's)
+    seed: int = 0  # random-init seed
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value, tp, key: str, where: str):
+    """Checks `value` against the annotation `tp`; returns it converted (list -> tuple, int -> float)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key, where)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0]
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: '{key}' expects a mapping of {tp.__name__} fields, got {value!r}")
+        return from_dict(tp, value, where=where, prefix=key + ".")
+    if origin is tuple:
+        (item_tp, _) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: '{key}' expects a list of {_type_name(item_tp)}, got {value!r}")
+        return tuple(_coerce(v, item_tp, f"{key}[{i}]", where) for i, v in enumerate(value))
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float) and isinstance(value, bool) or not isinstance(value, tp):
+        raise ConfigError(
+            f"{where}: '{key}' expects {_type_name(tp)}, got {value!r} ({type(value).__name__})"
+        )
+    return value
+
+
+def from_dict(cls, data: dict, *, where: str = "<dict>", prefix: str = ""):
+    """Builds dataclass `cls` from `data`, rejecting unknown keys (with a suggestion) and bad types."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
+            raise ConfigError(f"{where}: unknown key '{prefix}{key}' in {cls.__name__}{hint}")
+        kwargs[key] = _coerce(value, hints[key], prefix + key, where)
+    return cls(**kwargs)
+
+
+def to_dict(cfg) -> dict:
+    """The config as plain YAML-able data (tuples become lists)."""
+
+    def plain(x):
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [plain(v) for v in x]
+        return x
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def dump_yaml(cfg, path: str | Path | None = None) -> str:
+    text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    if path is not None:
+        Path(path).write_text(text)
+    return text
+
+
+def _set_dotted(data: dict, dotted: str, value) -> None:
+    *parents, leaf = dotted.split(".")
+    node = data
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{dotted}': '{p}' is not a section")
+    node[leaf] = value
+
+
+def apply_overrides(data: dict, overrides: typing.Iterable[str]) -> dict:
+    """Applies `a.b=value` strings to nested `data` (values parsed as YAML scalars)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value (e.g. model.num_layers=2)")
+        key, raw = item.split("=", 1)
+        _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] = (), cls=RunConfig):
+    """Loads a YAML file (or the defaults when `path` is None), applies dotted overrides, validates."""
+    data: dict = {}
+    where = "<defaults>"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' does not exist")
+        where = str(path)
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where}: the top level must be a mapping of {cls.__name__} fields")
+    overrides = list(overrides)
+    if overrides:
+        where = f"{where} + overrides"
+    return from_dict(cls, apply_overrides(data, overrides), where=where)
+
+
+def preset_path(name: str) -> Path:
+    """Path of a config shipped inside the package (`jaxinfer/presets/NAME.yaml`)."""
+    return Path(__file__).parent / "presets" / f"{name}.yaml"

@@ -1,0 +1,58 @@
+"""Model construction: the NNX module is split once into (graphdef, params); jitted code takes params."""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+
+import jax
+from flax import nnx
+
+from jaxinfer.config import ModelConfig
+from jaxinfer.models.llama import Transformer, dtype_of
+
+__all__ = ["Model", "Transformer", "abstract_params", "init_model", "dtype_of", "logical_axes"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """A split model: `graphdef` is static structure, `params` the arrays (an `nnx.State`)."""
+
+    cfg: ModelConfig
+    graphdef: nnx.GraphDef
+    params: nnx.State
+
+    def bind(self, params=None) -> Transformer:
+        """The module with `params` (default: ours); call inside jit to keep the host out of the step."""
+        return nnx.merge(self.graphdef, self.params if params is None else params)
+
+    @property
+    def num_params(self) -> int:
+        return sum(x.size for x in jax.tree.leaves(self.params))
+
+    @property
+    def param_bytes(self) -> int:
+        return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self.params))
+
+
+def abstract_params(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
+    """Graphdef and parameter shapes/dtypes, without allocating anything."""
+    module = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    return nnx.split(module)
+
+
+def init_model(cfg: ModelConfig, seed: int = 0) -> Model:
+    """Random init at real shapes, computed on device by one jitted function (no host copy first)."""
+    graphdef, _ = abstract_params(cfg)
+
+    @partial(jax.jit, static_argnums=0)
+    def create(cfg, seed):
+        return nnx.split(Transformer(cfg, rngs=nnx.Rngs(jax.random.key(seed))))[1]
+
+    return Model(cfg, graphdef, create(cfg, seed))
+
+
+def logical_axes(params: nnx.State):
+    """The pytree of logical axis-name tuples, one per parameter (e.g. ('layers', 'embed', 'q_heads', 'head_dim'))."""
+    return jax.tree.map(lambda v: v.get_metadata()["out_sharding"], params,
+                        is_leaf=lambda x: isinstance(x, nnx.Variable))

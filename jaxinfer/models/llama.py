@@ -1,0 +1,193 @@
+"""The Llama-family decoder (Llama 2/3, Mistral, Qwen2/2.5, Qwen3) as one Flax NNX module.
+
+Layer weights are stacked on a leading `layers` axis and the layers run under `lax.scan`: one
+compiled layer body whatever the depth, and a KV cache that is one `[L, ...]` buffer. Every
+parameter carries logical axis names (`sharding_names`) so sharding is a table, not a rewrite.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxinfer.cache import DenseKVCache
+from jaxinfer.config import ModelConfig
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def dtype_of(name: str):
+    if name not in DTYPES:
+        raise ValueError(f"dtype '{name}' is not supported; use one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """Inverse frequencies [H/2] in float32, with Hugging Face's linear / llama3 scaling."""
+    h = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, h, 2, dtype=np.float32) / h))
+    s = cfg.rope_scaling
+    if s.rope_type == "default":
+        return inv.astype(np.float32)
+    if s.rope_type == "linear":
+        return (inv / s.factor).astype(np.float32)
+    if s.rope_type == "llama3":
+        old = s.original_max_position_embeddings
+        low_wavelen, high_wavelen = old / s.low_freq_factor, old / s.high_freq_factor
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > low_wavelen, inv / s.factor, inv)
+        smooth = (old / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return np.where(medium, smoothed, scaled).astype(np.float32)
+    raise ValueError(f"rope_scaling.rope_type '{s.rope_type}' is not supported (default, linear, llama3)")
+
+
+def apply_rope(x, cos, sin):
+    """x: [B, T, heads, H]; cos, sin: [B, T, H]. Rotate-half convention, as in Hugging Face."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[:, :, None, :].astype(x.dtype) + rotated * sin[:, :, None, :].astype(x.dtype)
+
+
+def rms_norm(x, weight, eps):
+    """Normalises in float32 (bf16 squares lose the small components), scales in the input dtype."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight * y.astype(x.dtype)
+
+
+def attention(q, k, v, q_pos, kv_pos, sliding_window):
+    """q: [B, T, N, H]; k, v: [B, S, K, H]; q_pos [B, T]; kv_pos [B, S] -> [B, T, N, H].
+
+    Causal by position: query t sees key s iff kv_pos <= q_pos (and within the sliding window).
+    """
+    b, t, n, h = q.shape
+    kh = k.shape[2]
+    q = q.reshape(b, t, kh, n // kh, h)  # query head n = k * G + g, as HF's repeat_kv
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(h)
+    mask = kv_pos[:, None, :] <= q_pos[:, :, None]  # [B, T, S]
+    if sliding_window is not None:
+        mask &= kv_pos[:, None, :] > q_pos[:, :, None] - sliding_window
+    scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
+    return out.reshape(b, t, n, h)
+
+
+class Transformer(nnx.Module):
+    """Decoder-only transformer. Split once with `nnx.split`; jitted code merges inside the trace."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        dt = dtype_of(cfg.dtype)
+        L, D, N, K = cfg.num_layers, cfg.hidden_size, cfg.num_q_heads, cfg.num_kv_heads
+        H, F, V = cfg.head_dim, cfg.ffw_size, cfg.vocab_size
+        if N % K:
+            raise ValueError(f"num_q_heads={N} must be a multiple of num_kv_heads={K}")
+        normal = nnx.initializers.normal(cfg.init_std)
+
+        def param(shape, names, init="normal"):
+            if init == "normal":
+                value = normal(rngs.params(), shape, jnp.float32).astype(dt)
+            else:
+                value = (jnp.ones if init == "ones" else jnp.zeros)(shape, dt)
+            return nnx.Param(value, sharding_names=names, eager_sharding=False)
+
+        self.embed = param((V, D), ("vocab", "embed"))
+        self.attn_norm = param((L, D), ("layers", "embed"), "ones")
+        self.wq = param((L, D, N, H), ("layers", "embed", "q_heads", "head_dim"))
+        self.wk = param((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"))
+        self.wv = param((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"))
+        self.wo = param((L, N, H, D), ("layers", "q_heads", "head_dim", "embed"))
+        qkv_bias = cfg.qkv_bias
+        self.bq = param((L, N, H), ("layers", "q_heads", "head_dim"), "zeros") if qkv_bias else None
+        self.bk = param((L, K, H), ("layers", "kv_heads", "head_dim"), "zeros") if qkv_bias else None
+        self.bv = param((L, K, H), ("layers", "kv_heads", "head_dim"), "zeros") if qkv_bias else None
+        self.bo = param((L, D), ("layers", "embed"), "zeros") if cfg.o_bias else None
+        self.q_norm = param((L, H), ("layers", "head_dim"), "ones") if cfg.qk_norm else None
+        self.k_norm = param((L, H), ("layers", "head_dim"), "ones") if cfg.qk_norm else None
+        self.mlp_norm = param((L, D), ("layers", "embed"), "ones")
+        self.w_gate = param((L, D, F), ("layers", "embed", "ffw"))
+        self.w_up = param((L, D, F), ("layers", "embed", "ffw"))
+        self.w_down = param((L, F, D), ("layers", "ffw", "embed"))
+        self.final_norm = param((D,), ("embed",), "ones")
+        self.lm_head = None if cfg.tie_embeddings else param((D, V), ("embed", "vocab"))
+
+    def _layer_params(self) -> dict:
+        names = ["attn_norm", "wq", "wk", "wv", "wo", "bq", "bk", "bv", "bo", "q_norm", "k_norm",
+                 "mlp_norm", "w_gate", "w_up", "w_down"]
+        return {n: getattr(self, n)[...] for n in names if getattr(self, n) is not None}
+
+    def _block(self, p, x, cos, sin, kv_fn):
+        """One layer. p: this layer's params; kv_fn(k_new, v_new) -> (k, v, kv_pos) to attend over."""
+        cfg = self.cfg
+        h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
+        q = jnp.einsum("btd,dnh->btnh", h, p["wq"])
+        k = jnp.einsum("btd,dkh->btkh", h, p["wk"])
+        v = jnp.einsum("btd,dkh->btkh", h, p["wv"])
+        if "bq" in p:
+            q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
+        if "q_norm" in p:  # Qwen3: per-head RMSNorm before RoPE
+            q, k = rms_norm(q, p["q_norm"], cfg.rms_norm_eps), rms_norm(k, p["k_norm"], cfg.rms_norm_eps)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k_all, v_all, kv_pos, q_pos = kv_fn(k, v)
+        a = attention(q, k_all, v_all, q_pos, kv_pos, cfg.sliding_window)
+        a = jnp.einsum("btnh,nhd->btd", a, p["wo"])
+        if "bo" in p:
+            a = a + p["bo"]
+        x = x + a
+        h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
+        g = jnp.einsum("btd,df->btf", h, p["w_gate"])
+        u = jnp.einsum("btd,df->btf", h, p["w_up"])
+        return x + jnp.einsum("btf,fd->btd", jax.nn.silu(g) * u, p["w_down"])
+
+    def __call__(self, tokens, positions, cache: DenseKVCache | None = None, kv_len: int | None = None):
+        """tokens, positions: [B, T] int32 -> (final-normed hidden [B, T, D], cache).
+
+        Without a cache the chunk attends to itself. With a dense cache it writes its k/v at slots
+        `positions` (dropped when past the end) and attends to slots [0, kv_len) (static; default S).
+        """
+        x = self.embed[...][tokens]
+        # RoPE angles in float32: bf16 cannot tell position 257 from 256.
+        freqs = positions[..., None].astype(jnp.float32) * rope_inv_freq(self.cfg)  # [B, T, H/2]
+        freqs = jnp.concatenate([freqs, freqs], axis=-1)
+        cos, sin = jnp.cos(freqs), jnp.sin(freqs)
+        params = self._layer_params()
+
+        if cache is None:
+            def body(x, p):
+                return self._block(p, x, cos, sin, lambda k, v: (k, v, positions, positions)), None
+
+            x, _ = jax.lax.scan(body, x, params)
+        else:
+            kv_len = cache.max_len if kv_len is None else kv_len
+            rows = jnp.arange(tokens.shape[0])[:, None]
+            kv_pos = jnp.broadcast_to(jnp.arange(kv_len), (tokens.shape[0], kv_len))
+
+            def body(carry, xs):
+                x, ck, cv = carry
+                p, layer = xs
+
+                def kv_fn(k, v):
+                    nonlocal ck, cv
+                    ck = ck.at[layer, rows, positions].set(k.astype(ck.dtype), mode="drop")
+                    cv = cv.at[layer, rows, positions].set(v.astype(cv.dtype), mode="drop")
+                    return ck[layer, :, :kv_len], cv[layer, :, :kv_len], kv_pos, positions
+
+                x = self._block(p, x, cos, sin, kv_fn)
+                return (x, ck, cv), None
+
+            layers = jnp.arange(self.cfg.num_layers)
+            (x, ck, cv), _ = jax.lax.scan(body, (x, cache.k, cache.v), (params, layers))
+            cache = DenseKVCache(ck, cv)
+        return rms_norm(x, self.final_norm[...], self.cfg.rms_norm_eps), cache
+
+    def logits(self, hidden):
+        """hidden [..., D] -> float32 logits [..., V]."""
+        w = self.embed[...].T if self.lm_head is None else self.lm_head[...]
+        return jnp.einsum("...d,dv->...v", hidden, w, preferred_element_type=jnp.float32)
