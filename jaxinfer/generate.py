@@ -1,0 +1,186 @@
+"""The dense-KV baseline `generate()`: one jitted prefill, then one jitted `lax.while_loop` decode.
+
+Rows are right-padded: row b's prompt occupies cache slots [0, len_b) and its n-th new token is fed
+at slot len_b + n. Pad tokens write slots that the row overwrites before it ever attends to them,
+so causal masking by position is all the masking needed and each row computes what it would alone.
+Shapes are bucketed (rows, prompt length, new tokens); everything else is a per-row array.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxinfer.cache import DenseKVCache
+from jaxinfer.config import DecodeConfig, SamplingConfig
+from jaxinfer.models import Model, dtype_of
+from jaxinfer.sampling import SamplingParams, sample, validate
+
+TRACES: collections.Counter = collections.Counter()  # python traces per function (tests count them)
+PAD = -1
+
+
+@dataclasses.dataclass
+class Timing:
+    """Wall-clock seconds of one `generate` call; compile time is reported apart."""
+
+    compile_s: float = 0.0  # 0 when every bucket was already compiled
+    prefill_s: float = 0.0  # to the first token of every row (the batch's TTFT)
+    decode_s: float = 0.0  # the decode loop, after the first token
+    num_prompt_tokens: int = 0
+    num_new_tokens: int = 0
+    num_decoded: int = 0  # new tokens made by the decode loop (each row's first comes from prefill)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.num_decoded / self.decode_s if self.decode_s else float("nan")
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    tokens: list[list[int]]  # per prompt, the new tokens (a stop token included, as in HF)
+    finish_reasons: list[str]  # "stop" (a stop id) or "length" (max_new_tokens)
+    logprobs: list[list[float]] | None
+    timing: Timing
+
+
+def bucket(n: int, buckets: tuple[int, ...], what: str) -> int:
+    for b in sorted(buckets):
+        if b >= n:
+            return b
+    raise ValueError(f"{what}={n} exceeds the largest bucket {max(buckets)}; add a larger one to "
+                     f"the decode config's buckets")
+
+
+def _prefill(graphdef, params, tokens, lengths, sampling, *, cache_len):
+    """tokens [B, T], lengths [B] -> (cache, first tokens [B], their logprobs [B])."""
+    TRACES["prefill"] += 1
+    model = nnx.merge(graphdef, params)
+    cfg = model.cfg
+    b, t = tokens.shape
+    cache = DenseKVCache.zeros(cfg.num_layers, b, cache_len, cfg.num_kv_heads, cfg.head_dim, dtype_of(cfg.dtype))
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    hidden, cache = model(tokens, positions, cache, kv_len=t)
+    last = hidden[jnp.arange(b), lengths - 1]  # [B, D]
+    tok, lp = sample(model.logits(last), sampling, jnp.zeros(b, jnp.int32))
+    return cache, tok, lp
+
+
+def _decode(graphdef, params, cache, first, first_lp, lengths, max_new, stop_ids, sampling, *, max_steps):
+    """Decodes until every row is done or `max_steps` tokens exist. Returns tokens [B, M], logprobs."""
+    TRACES["decode"] += 1
+    model = nnx.merge(graphdef, params)
+    b = first.shape[0]
+    is_stop = lambda tok: jnp.any(tok[:, None] == stop_ids, axis=-1)  # noqa: E731
+    out = jnp.full((b, max_steps), PAD, jnp.int32).at[:, 0].set(first)
+    lps = jnp.zeros((b, max_steps), jnp.float32).at[:, 0].set(first_lp)
+    done = is_stop(first) | (max_new <= 1)
+
+    def cond(state):
+        _, step, _, done, _, _ = state
+        return (step < max_steps) & ~jnp.all(done)
+
+    def body(state):
+        cache, step, tok, done, out, lps = state
+        pos = lengths + step - 1  # the token fed now was generated at index step - 1
+        hidden, cache = model(tok[:, None], pos[:, None], cache)
+        new, lp = sample(model.logits(hidden[:, 0]), sampling, jnp.full((b,), step, jnp.int32))
+        new = jnp.where(done, PAD, new)
+        out = out.at[:, step].set(new)
+        lps = lps.at[:, step].set(lp)
+        done = done | is_stop(new) | (step + 1 >= max_new)
+        return cache, step + 1, new, done, out, lps
+
+    state = (cache, jnp.int32(1), first, done, out, lps)
+    _, _, _, _, out, lps = jax.lax.while_loop(cond, body, state)
+    return out, lps
+
+
+class Generator:
+    """Compiles prefill and decode once per shape bucket and reuses them across calls."""
+
+    def __init__(self, model: Model, decode: DecodeConfig = DecodeConfig()):
+        self.model = model
+        self.decode_cfg = decode
+        self._compiled: dict[tuple, tuple] = {}
+
+    def _executables(self, rows, prompt_len, max_steps, num_stops, args):
+        key = (rows, prompt_len, max_steps, num_stops)
+        if key in self._compiled:
+            return self._compiled[key], 0.0
+        t0 = time.perf_counter()
+        cache_len = bucket(prompt_len + max_steps, self.decode_cfg.length_buckets, "prompt + new tokens")
+        graphdef = self.model.graphdef
+        prefill = jax.jit(partial(_prefill, graphdef, cache_len=cache_len))
+        tokens, lengths, sampling, max_new, stops = args
+        prefill_c = prefill.lower(self.model.params, tokens, lengths, sampling).compile()
+        cache, first, lp = jax.eval_shape(prefill, self.model.params, tokens, lengths, sampling)
+        decode = jax.jit(partial(_decode, graphdef, max_steps=max_steps))
+        decode_c = decode.lower(self.model.params, cache, first, lp, lengths, max_new, stops, sampling).compile()
+        self._compiled[key] = (prefill_c, decode_c)
+        return self._compiled[key], time.perf_counter() - t0
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingConfig | list[SamplingConfig] = SamplingConfig(),
+                 stop_ids: tuple[int, ...] = ()) -> GenerationResult:
+        """Generates for each prompt (lists of token ids); each row as if it ran alone."""
+        configs = [validate(s) for s in (sampling if isinstance(sampling, list) else [sampling] * len(prompts))]
+        if not prompts or len(configs) != len(prompts):
+            raise ValueError(f"need one sampling config per prompt and at least one prompt; got "
+                             f"{len(prompts)} prompts and {len(configs)} configs")
+        context = self.model.cfg.max_position_embeddings
+        for i, (p, s) in enumerate(zip(prompts, configs)):
+            if len(p) == 0:
+                raise ValueError(f"prompt {i} is empty: give at least one token (e.g. BOS)")
+            if len(p) + s.max_new_tokens > context:
+                raise ValueError(f"prompt {i} has {len(p)} tokens and asks for {s.max_new_tokens} new ones: "
+                                 f"{len(p) + s.max_new_tokens} exceeds the model's context of {context}; "
+                                 f"shorten the prompt or lower max_new_tokens")
+        rows = bucket(len(prompts), self.decode_cfg.batch_buckets, "number of prompts")
+        prompt_len = bucket(max(map(len, prompts)), self.decode_cfg.length_buckets, "prompt length")
+        max_steps = bucket(max(s.max_new_tokens for s in configs), self.decode_cfg.length_buckets, "max_new_tokens")
+        tokens = np.zeros((rows, prompt_len), np.int32)
+        lengths = np.ones(rows, np.int32)
+        max_new = np.ones(rows, np.int32)
+        for i, (p, s) in enumerate(zip(prompts, configs)):
+            tokens[i, : len(p)], lengths[i], max_new[i] = p, len(p), s.max_new_tokens
+        stops = np.full((rows, max(1, len(stop_ids))), PAD, np.int32)
+        stops[:, : len(stop_ids)] = stop_ids
+        params = SamplingParams.from_configs(configs, rows)
+        args = (tokens, lengths, params, max_new, stops)
+        (prefill, decode), compile_s = self._executables(rows, prompt_len, max_steps, stops.shape[1], args)
+
+        t0 = time.perf_counter()
+        cache, first, first_lp = prefill(self.model.params, tokens, lengths, params)
+        first.block_until_ready()
+        t1 = time.perf_counter()
+        out, lps = decode(self.model.params, cache, first, first_lp, lengths, max_new, stops, params)
+        out, lps = np.asarray(out), np.asarray(lps)
+        t2 = time.perf_counter()
+        return self._result(out, lps, len(prompts), configs, stop_ids,
+                            Timing(compile_s, t1 - t0, t2 - t1, int(sum(map(len, prompts)))))
+
+    @staticmethod
+    def _result(out, lps, n, configs, stop_ids, timing) -> GenerationResult:
+        tokens, reasons, logprobs = [], [], []
+        for i in range(n):
+            row = out[i][out[i] != PAD][: configs[i].max_new_tokens].tolist()
+            tokens.append(row)
+            logprobs.append(lps[i, : len(row)].tolist())
+            reasons.append("stop" if row and row[-1] in stop_ids else "length")
+        timing.num_new_tokens = sum(map(len, tokens))
+        timing.num_decoded = timing.num_new_tokens - n
+        want_lp = any(c.logprobs for c in configs)
+        return GenerationResult(tokens, reasons, logprobs if want_lp else None, timing)
+
+
+def generate(model: Model, prompts: list[list[int]], sampling: SamplingConfig | list[SamplingConfig] = SamplingConfig(),
+             stop_ids: tuple[int, ...] = (), decode: DecodeConfig = DecodeConfig()) -> GenerationResult:
+    """One-shot convenience over `Generator` (which keeps compiled buckets across calls)."""
+    return Generator(model, decode).generate(prompts, sampling, stop_ids)
