@@ -161,7 +161,7 @@ def load_hf(folder: str | Path, dtype: str = "float32") -> Model:
     if cfg.tie_embeddings is False and "lm_head.weight" not in tensors.where and "tie_word_embeddings" not in hf:
         cfg = dataclasses.replace(cfg, tie_embeddings=True)
     graphdef, abstract = abstract_params(cfg)
-    shapes = abstract.to_pure_dict()
+    shapes = nnx.to_pure_dict(abstract)
     used, values = set(), {}
     for ours, (pattern, convert) in _hf_names(cfg).items():
         names = [pattern.format(i=i) for i in range(cfg.num_layers)] if "{i}" in pattern else [pattern]
@@ -193,7 +193,7 @@ def save_converted(model: Model, out_dir: str | Path, source: str | Path | None 
     if (out / "params").exists():
         shutil.rmtree(out / "params")
     with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(out / "params", model.params.to_pure_dict())
+        ckptr.save(out / "params", nnx.to_pure_dict(model.params))
     dump_yaml(model.cfg, out / CONVERTED_CONFIG)
     for name in TOKENIZER_FILES if source else ():
         if (Path(source) / name).is_file():
@@ -208,7 +208,7 @@ def load_converted(folder: str | Path, dtype: str | None = None) -> Model:
     cfg = load_config(folder / CONVERTED_CONFIG, cls=ModelConfig)
     graphdef, abstract = abstract_params(cfg)
     with ocp.StandardCheckpointer() as ckptr:
-        values = ckptr.restore(folder / "params", abstract.to_pure_dict())
+        values = ckptr.restore(folder / "params", nnx.to_pure_dict(abstract))
     nnx.replace_by_pure_dict(abstract, values)
     model = Model(cfg, graphdef, abstract)
     return model if dtype in (None, cfg.dtype) else cast(model, dtype)

@@ -2,7 +2,7 @@
 
 Layer weights are stacked on a leading `layers` axis and the layers run under `lax.scan`: one
 compiled layer body whatever the depth, and a KV cache that is one `[L, ...]` buffer. Every
-parameter carries logical axis names (`sharding_names`) so sharding is a table, not a rewrite.
+parameter carries logical axis names (`out_sharding` metadata) so sharding is a table, not a rewrite.
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ class Transformer(nnx.Module):
                 value = normal(rngs.params(), shape, jnp.float32).astype(dt)
             else:
                 value = (jnp.ones if init == "ones" else jnp.zeros)(shape, dt)
-            return nnx.Param(value, sharding_names=names, eager_sharding=False)
+            return nnx.Param(value, out_sharding=names, eager_sharding=False)
 
         self.embed = param((V, D), ("vocab", "embed"))
         self.attn_norm = param((L, D), ("layers", "embed"), "ones")

@@ -1,0 +1,124 @@
+"""The `jaxinfer` command: `generate` (default model, or --model HF_DIR) and `convert`."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+DEFAULT_PROMPT = "The quick brown fox"
+
+
+class UserError(ValueError):
+    """Bad input from the command line; printed as one line, never as a traceback."""
+
+
+def _load_run_config(args):
+    from jaxinfer.config import load_config, preset_path
+
+    path = args.config or (None if args.model else preset_path("default"))
+    cfg = load_config(path, args.overrides)
+    sampling = dataclasses.replace(cfg.sampling, **{k: v for k, v in {
+        "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
+        "top_p": args.top_p, "min_p": args.min_p, "seed": args.seed,
+        "logprobs": True if args.logprobs else None}.items() if v is not None})
+    model = dataclasses.replace(cfg.model, dtype=args.dtype) if args.dtype else cfg.model
+    return dataclasses.replace(cfg, model=model, sampling=sampling,
+                               checkpoint=args.model or cfg.checkpoint,
+                               tokenizer=args.tokenizer or cfg.tokenizer)
+
+
+def _build(cfg):
+    """(model, tokenizer, stop ids, label) for a run config."""
+    from jaxinfer.checkpoint import load_model, stop_ids
+    from jaxinfer.models import init_model
+    from jaxinfer.tokenizer import load_tokenizer
+
+    if cfg.checkpoint:
+        model = load_model(cfg.checkpoint, cfg.model.dtype if cfg.model.dtype != "float32" else None)
+        has_tok = (Path(cfg.checkpoint) / "tokenizer.json").is_file()
+        tok = load_tokenizer(cfg.checkpoint if has_tok and cfg.tokenizer == "byte" else cfg.tokenizer)
+        label = f"{cfg.checkpoint} ({model.cfg.family}, {model.num_params / 1e6:.2f}M params, {model.cfg.dtype})"
+        stops = tuple(dict.fromkeys(stop_ids(cfg.checkpoint) + tok.eos_ids))
+    else:
+        model = init_model(cfg.model, cfg.seed)
+        tok = load_tokenizer(cfg.tokenizer)
+        label = (f"{cfg.model.name}: RANDOM WEIGHTS (seed {cfg.seed}), {model.num_params / 1e6:.2f}M params, "
+                 f"{cfg.model.dtype}; its text is noise. Use --model HF_DIR for a real checkpoint.")
+        stops = tok.eos_ids
+    if tok.vocab_size > model.cfg.vocab_size:
+        raise UserError(f"tokenizer has {tok.vocab_size} tokens but the model only {model.cfg.vocab_size}")
+    return model, tok, stops, label
+
+
+def cmd_generate(args) -> int:
+    from jaxinfer.generate import Generator
+
+    cfg = _load_run_config(args)
+    model, tok, stops, label = _build(cfg)
+    texts = args.prompt or [DEFAULT_PROMPT]
+    rendered = [tok.apply_chat_template([{"role": "user", "content": t}]) for t in texts] if args.chat else texts
+    prompts = [tok.encode(t, add_special_tokens=not args.chat) for t in rendered]
+    print(f"model: {label}", flush=True)
+    result = Generator(model, cfg.decode).generate(prompts, cfg.sampling, stops)
+    for text, new, reason, lps in zip(texts, result.tokens, result.finish_reasons,
+                                      result.logprobs or [None] * len(texts)):
+        print(f"\n--- prompt: {text!r}\n{tok.decode(new)}\n[{len(new)} tokens, finish: {reason}]")
+        if lps is not None:
+            print("logprobs: " + " ".join(f"{t}:{lp:.3f}" for t, lp in zip(new, lps)))
+    t = result.timing
+    print(f"\nprompt tokens {t.num_prompt_tokens} | new tokens {t.num_new_tokens} | "
+          f"TTFT {t.prefill_s * 1e3:.1f} ms | decode {t.decode_tokens_per_s:.1f} tok/s "
+          f"({t.num_decoded} tokens in {t.decode_s * 1e3:.1f} ms) | compile {t.compile_s:.2f} s (not in the above)")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from jaxinfer.checkpoint import load_hf, save_converted
+
+    model = load_hf(args.hf_dir, args.dtype)
+    out = save_converted(model, args.out_dir, source=args.hf_dir)
+    print(f"converted {args.hf_dir} ({model.cfg.family}, {model.num_params / 1e6:.2f}M params, "
+          f"{model.cfg.dtype}) -> {out}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="jaxinfer", description="JAX/XLA LLM inference research framework")
+    sub = p.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="generate text (default: the embedded random-weight model)")
+    g.add_argument("--config", help="a run YAML (see configs/); default: the embedded model")
+    g.add_argument("--model", help="a Hugging Face checkpoint folder or a `jaxinfer convert` output")
+    g.add_argument("--tokenizer", help="'byte' or a folder with tokenizer.json (default: the model's)")
+    g.add_argument("--prompt", action="append", help="prompt text; repeat for a batch")
+    g.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
+    g.add_argument("--max-new-tokens", type=int)
+    g.add_argument("--temperature", type=float)
+    g.add_argument("--top-k", type=int)
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--min-p", type=float)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--dtype", choices=["float32", "bfloat16"])
+    g.add_argument("--logprobs", action="store_true", help="print the logprob of each chosen token")
+    g.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. model.num_layers=2")
+    g.set_defaults(func=cmd_generate)
+    c = sub.add_parser("convert", help="convert a Hugging Face folder to an orbax checkpoint")
+    c.add_argument("hf_dir")
+    c.add_argument("out_dir")
+    c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    c.set_defaults(func=cmd_convert)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:  # config, checkpoint, tokenizer and sampling errors
+        print(f"jaxinfer {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
