@@ -1,0 +1,40 @@
+"""The host wall: host-policy modules import no jax, directly or through other jaxinfer modules."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PKG = Path(__file__).parents[1] / "jaxinfer"
+HOST_MODULES = ["tokenizer", "config"]
+DEVICE_LIBS = {"jax", "jaxlib", "flax", "optax", "orbax", "chex"}
+
+
+def imported_modules(module: str) -> set[str]:
+    tree = ast.parse((PKG / f"{module.replace('.', '/')}.py").read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+def transitive_imports(module: str, seen=None) -> set[str]:
+    seen = set() if seen is None else seen
+    for name in imported_modules(module):
+        if name in seen:
+            continue
+        seen.add(name)
+        if name.startswith("jaxinfer."):
+            inner = name.removeprefix("jaxinfer.")
+            if (PKG / f"{inner.replace('.', '/')}.py").is_file():
+                transitive_imports(inner, seen)
+    return seen
+
+
+@pytest.mark.parametrize("module", HOST_MODULES)
+def test_host_modules_import_no_jax(module):
+    leaked = {n for n in transitive_imports(module) if n.split(".")[0] in DEVICE_LIBS}
+    assert not leaked, f"jaxinfer/{module}.py reaches device libraries: {sorted(leaked)}"
