@@ -17,6 +17,7 @@ from flax import nnx
 from jaxinfer.cache import DenseKVCache
 from jaxinfer.config import ModelConfig
 
+UNROLL = 1
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -183,7 +184,7 @@ class Transformer(nnx.Module):
                 return (x, ck, cv), None
 
             layers = jnp.arange(self.cfg.num_layers)
-            (x, ck, cv), _ = jax.lax.scan(body, (x, cache.k, cache.v), (params, layers))
+            (x, ck, cv), _ = jax.lax.scan(body, (x, cache.k, cache.v), (params, layers), unroll=UNROLL)
             cache = DenseKVCache(ck, cv)
         return rms_norm(x, self.final_norm[...], self.cfg.rms_norm_eps), cache
 
