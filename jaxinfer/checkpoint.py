@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from jaxinfer.config import ModelConfig, RopeScaling, dump_yaml, load_config
-from jaxinfer.models import Model, abstract_params
+from jaxinfer.models import Model, abstract_params, resolve_dtype
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 CONVERTED_CONFIG = "jaxinfer.yaml"
@@ -52,7 +52,7 @@ def _rope_from_hf(hf: dict, where: str) -> tuple[float, RopeScaling]:
     return theta, RopeScaling(rope_type=kind, **{k: v for k, v in merged.items() if k in fields})
 
 
-def config_from_hf(hf: dict, *, where: str = "config.json", dtype: str = "float32") -> ModelConfig:
+def config_from_hf(hf: dict, *, where: str = "config.json", dtype: str = "auto") -> ModelConfig:
     """Maps a Hugging Face config dict to ours; any field we cannot honour is named in the error."""
     family = hf.get("model_type")
     if family not in SUPPORTED_FAMILIES:
@@ -81,7 +81,7 @@ def config_from_hf(hf: dict, *, where: str = "config.json", dtype: str = "float3
         max_position_embeddings=hf.get("max_position_embeddings", 2048),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         qkv_bias=bias or family == "qwen2", o_bias=bias, qk_norm=family == "qwen3",
-        sliding_window=hf.get("sliding_window") if family == "mistral" else None, dtype=dtype,
+        sliding_window=hf.get("sliding_window") if family == "mistral" else None, dtype=resolve_dtype(dtype),
     )
 
 
@@ -150,7 +150,7 @@ class _TensorIndex:
         return self._handles[f].get_tensor(name)
 
 
-def load_hf(folder: str | Path, dtype: str = "float32") -> Model:
+def load_hf(folder: str | Path, dtype: str = "auto") -> Model:
     """Loads a Hugging Face folder into params of `dtype`, one parameter at a time."""
     folder = Path(folder)
     if not folder.is_dir():
@@ -211,27 +211,27 @@ def load_converted(folder: str | Path, dtype: str | None = None) -> Model:
         values = ckptr.restore(folder / "params", nnx.to_pure_dict(abstract))
     nnx.replace_by_pure_dict(abstract, values)
     model = Model(cfg, graphdef, abstract)
-    return model if dtype in (None, cfg.dtype) else cast(model, dtype)
+    return model if dtype is None or resolve_dtype(dtype) == cfg.dtype else cast(model, dtype)
 
 
 def cast(model: Model, dtype: str) -> Model:
     from jaxinfer.models import dtype_of
 
-    cfg = dataclasses.replace(model.cfg, dtype=dtype)
+    cfg = dataclasses.replace(model.cfg, dtype=resolve_dtype(dtype))
     graphdef, _ = abstract_params(cfg)
     params = jax.tree.map(lambda x: x.astype(dtype_of(dtype)), model.params)
     return Model(cfg, graphdef, params)
 
 
 def load_model(path: str | Path, dtype: str | None = None) -> Model:
-    """A Hugging Face folder or a `jaxinfer convert` folder, cast to `dtype` (default: float32 for
-    HF folders, the saved dtype for converted ones)."""
+    """A Hugging Face folder or a `jaxinfer convert` folder, cast to `dtype` (default: "auto" for
+    HF folders, i.e. float32 on CPU and bfloat16 on accelerators; the saved dtype for converted ones)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint '{path}' does not exist")
     if (path / CONVERTED_CONFIG).is_file():
         return load_converted(path, dtype)
-    return load_hf(path, dtype or "float32")
+    return load_hf(path, dtype or "auto")
 
 
 def stop_ids(folder: str | Path | None) -> tuple[int, ...]:

@@ -36,7 +36,7 @@ def _build(cfg):
     from jaxinfer.tokenizer import load_tokenizer
 
     if cfg.checkpoint:
-        model = load_model(cfg.checkpoint, cfg.model.dtype if cfg.model.dtype != "float32" else None)
+        model = load_model(cfg.checkpoint, cfg.model.dtype if cfg.model.dtype != "auto" else None)
         has_tok = (Path(cfg.checkpoint) / "tokenizer.json").is_file()
         tok = load_tokenizer(cfg.checkpoint if has_tok and cfg.tokenizer == "byte" else cfg.tokenizer)
         label = f"{cfg.checkpoint} ({model.cfg.family}, {model.num_params / 1e6:.2f}M params, {model.cfg.dtype})"
@@ -45,7 +45,7 @@ def _build(cfg):
         model = init_model(cfg.model, cfg.seed)
         tok = load_tokenizer(cfg.tokenizer)
         label = (f"{cfg.model.name}: RANDOM WEIGHTS (seed {cfg.seed}), {model.num_params / 1e6:.2f}M params, "
-                 f"{cfg.model.dtype}; its text is noise. Use --model HF_DIR for a real checkpoint.")
+                 f"{model.cfg.dtype}; its text is noise. Use --model HF_DIR for a real checkpoint.")
         stops = tok.eos_ids
     if tok.vocab_size > model.cfg.vocab_size:
         raise UserError(f"tokenizer has {tok.vocab_size} tokens but the model only {model.cfg.vocab_size}")
@@ -99,14 +99,15 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float)
     g.add_argument("--min-p", type=float)
     g.add_argument("--seed", type=int)
-    g.add_argument("--dtype", choices=["float32", "bfloat16"])
+    g.add_argument("--dtype", choices=["auto", "float32", "bfloat16"],
+                   help="auto: float32 on CPU, bfloat16 on accelerators")
     g.add_argument("--logprobs", action="store_true", help="print the logprob of each chosen token")
     g.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. model.num_layers=2")
     g.set_defaults(func=cmd_generate)
     c = sub.add_parser("convert", help="convert a Hugging Face folder to an orbax checkpoint")
     c.add_argument("hf_dir")
     c.add_argument("out_dir")
-    c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    c.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16"])
     c.set_defaults(func=cmd_convert)
     return p
 

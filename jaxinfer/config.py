@@ -53,7 +53,7 @@ class ModelConfig:
     o_bias: bool = False  # Llama attention_bias
     qk_norm: bool = False  # Qwen3: RMSNorm on q and k per head
     sliding_window: int | None = None  # Mistral: a query sees the last `sliding_window` positions
-    dtype: str = "float32"  # computation and parameter dtype: float32 | bfloat16
+    dtype: str = "auto"  # computation and parameter dtype: auto (f32 on CPU, bf16 elsewhere) | float32 | bfloat16
     init_std: float = 0.02  # random init only
 
 

@@ -9,9 +9,9 @@ import jax
 from flax import nnx
 
 from jaxinfer.config import ModelConfig
-from jaxinfer.models.llama import Transformer, dtype_of
+from jaxinfer.models.llama import Transformer, dtype_of, resolve_dtype
 
-__all__ = ["Model", "Transformer", "abstract_params", "init_model", "dtype_of", "logical_axes"]
+__all__ = ["Model", "Transformer", "abstract_params", "init_model", "dtype_of", "logical_axes", "resolve_dtype"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +43,7 @@ def abstract_params(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
 
 def init_model(cfg: ModelConfig, seed: int = 0) -> Model:
     """Random init at real shapes, computed on device by one jitted function (no host copy first)."""
+    cfg = dataclasses.replace(cfg, dtype=resolve_dtype(cfg.dtype))
     graphdef, _ = abstract_params(cfg)
 
     @partial(jax.jit, static_argnums=0)

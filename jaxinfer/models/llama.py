@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+from einops import rearrange
 from flax import nnx
 
 from jaxinfer.cache import DenseKVCache
@@ -21,10 +23,17 @@ UNROLL = 1
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
-def dtype_of(name: str):
+def resolve_dtype(name: str) -> str:
+    """'auto' -> float32 on CPU (fast f32 GEMMs, slow bf16 GEMV there), bfloat16 on accelerators."""
+    if name == "auto":
+        return "float32" if jax.default_backend() == "cpu" else "bfloat16"
     if name not in DTYPES:
-        raise ValueError(f"dtype '{name}' is not supported; use one of {sorted(DTYPES)}")
-    return DTYPES[name]
+        raise ValueError(f"dtype '{name}' is not supported; use one of auto, {', '.join(sorted(DTYPES))}")
+    return name
+
+
+def dtype_of(name: str):
+    return DTYPES[resolve_dtype(name)]
 
 
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
@@ -67,17 +76,15 @@ def attention(q, k, v, q_pos, kv_pos, sliding_window):
 
     Causal by position: query t sees key s iff kv_pos <= q_pos (and within the sliding window).
     """
-    b, t, n, h = q.shape
-    kh = k.shape[2]
-    q = q.reshape(b, t, kh, n // kh, h)  # query head n = k * G + g, as HF's repeat_kv
+    h = q.shape[-1]
+    q = rearrange(q, "b t (k g) h -> b t k g h", k=k.shape[2])  # query head n = k * G + g, as HF's repeat_kv
     scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(h)
     mask = kv_pos[:, None, :] <= q_pos[:, :, None]  # [B, T, S]
     if sliding_window is not None:
         mask &= kv_pos[:, None, :] > q_pos[:, :, None] - sliding_window
     scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
-    return out.reshape(b, t, n, h)
+    return rearrange(jnp.einsum("bkgts,bskh->btkgh", probs, v), "b t k g h -> b t (k g) h")
 
 
 class Transformer(nnx.Module):
@@ -153,6 +160,9 @@ class Transformer(nnx.Module):
         Without a cache the chunk attends to itself. With a dense cache it writes its k/v at slots
         `positions` (dropped when past the end) and attends to slots [0, kv_len) (static; default S).
         """
+        chex.assert_rank(tokens, 2)
+        chex.assert_equal_shape([tokens, positions])
+        chex.assert_type([tokens, positions], jnp.int32)
         x = self.embed[...][tokens]
         # RoPE angles in float32: bf16 cannot tell position 257 from 256.
         freqs = positions[..., None].astype(jnp.float32) * rope_inv_freq(self.cfg)  # [B, T, H/2]
