@@ -24,3 +24,9 @@ class DenseKVCache:
     @property
     def max_len(self) -> int:
         return self.k.shape[2]
+
+    def write(self, layer, k, v, positions) -> "DenseKVCache":
+        """k, v: [B, T, K, H] at slots `positions` [B, T] of `layer`; slots past the end are dropped."""
+        rows = jnp.arange(k.shape[0])[:, None]
+        return DenseKVCache(self.k.at[layer, rows, positions].set(k.astype(self.k.dtype), mode="drop"),
+                            self.v.at[layer, rows, positions].set(v.astype(self.v.dtype), mode="drop"))

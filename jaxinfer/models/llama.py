@@ -8,6 +8,7 @@ parameter carries logical axis names (`out_sharding` metadata) so sharding is a 
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import chex
 import jax
@@ -19,7 +20,6 @@ from flax import nnx
 from jaxinfer.cache import DenseKVCache
 from jaxinfer.config import ModelConfig
 
-UNROLL = 1
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -87,6 +87,14 @@ def attention(q, k, v, q_pos, kv_pos, sliding_window):
     return rearrange(jnp.einsum("bkgts,bskh->btkgh", probs, v), "b t k g h -> b t (k g) h")
 
 
+def dense_attend(cache: DenseKVCache, layer, q, k, v, *, positions, kv_len: int, sliding_window):
+    """Writes k/v [B, T, K, H] at slots `positions` of `layer`, attends to slots [0, kv_len)."""
+    cache = cache.write(layer, k, v, positions)
+    kv_pos = jnp.broadcast_to(jnp.arange(kv_len, dtype=jnp.int32), (q.shape[0], kv_len))
+    out = attention(q, cache.k[layer, :, :kv_len], cache.v[layer, :, :kv_len], positions, kv_pos, sliding_window)
+    return cache, out
+
+
 class Transformer(nnx.Module):
     """Decoder-only transformer. Split once with `nnx.split`; jitted code merges inside the trace."""
 
@@ -131,8 +139,8 @@ class Transformer(nnx.Module):
                  "mlp_norm", "w_gate", "w_up", "w_down"]
         return {n: getattr(self, n)[...] for n in names if getattr(self, n) is not None}
 
-    def _block(self, p, x, cos, sin, kv_fn):
-        """One layer. p: this layer's params; kv_fn(k_new, v_new) -> (k, v, kv_pos) to attend over."""
+    def _block(self, p, x, cos, sin, attend):
+        """One layer. p: this layer's params; attend(q, k, v) -> (cache, attention output)."""
         cfg = self.cfg
         h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
         q = jnp.einsum("btd,dnh->btnh", h, p["wq"])
@@ -143,8 +151,7 @@ class Transformer(nnx.Module):
         if "q_norm" in p:  # Qwen3: per-head RMSNorm before RoPE
             q, k = rms_norm(q, p["q_norm"], cfg.rms_norm_eps), rms_norm(k, p["k_norm"], cfg.rms_norm_eps)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k_all, v_all, kv_pos, q_pos = kv_fn(k, v)
-        a = attention(q, k_all, v_all, q_pos, kv_pos, cfg.sliding_window)
+        cache, a = attend(q, k, v)
         a = jnp.einsum("btnh,nhd->btd", a, p["wo"])
         if "bo" in p:
             a = a + p["bo"]
@@ -152,50 +159,38 @@ class Transformer(nnx.Module):
         h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
         g = jnp.einsum("btd,df->btf", h, p["w_gate"])
         u = jnp.einsum("btd,df->btf", h, p["w_up"])
-        return x + jnp.einsum("btf,fd->btd", jax.nn.silu(g) * u, p["w_down"])
+        return x + jnp.einsum("btf,fd->btd", jax.nn.silu(g) * u, p["w_down"]), cache
 
-    def __call__(self, tokens, positions, cache: DenseKVCache | None = None, kv_len: int | None = None):
+    def __call__(self, tokens, positions, cache=None, kv_len: int | None = None, attend=None):
         """tokens, positions: [B, T] int32 -> (final-normed hidden [B, T, D], cache).
 
-        Without a cache the chunk attends to itself. With a dense cache it writes its k/v at slots
-        `positions` (dropped when past the end) and attends to slots [0, kv_len) (static; default S).
+        `attend(cache, layer, q, k, v) -> (cache, out [B, T, N, H])` owns the KV cache: it writes
+        this chunk's k/v and attends over what the cache holds (paged: see step.py). By default,
+        with a `DenseKVCache` the chunk writes at slots `positions` and attends to slots
+        [0, kv_len) (static; default all); with no cache the chunk attends to itself.
         """
         chex.assert_rank(tokens, 2)
         chex.assert_equal_shape([tokens, positions])
         chex.assert_type([tokens, positions], jnp.int32)
+        window = self.cfg.sliding_window
+        if attend is None and cache is None:
+            attend = lambda c, layer, q, k, v: (c, attention(q, k, v, positions, positions, window))  # noqa: E731
+        elif attend is None:
+            attend = partial(dense_attend, positions=positions, kv_len=kv_len or cache.max_len, sliding_window=window)
         x = self.embed[...][tokens]
         # RoPE angles in float32: bf16 cannot tell position 257 from 256.
         freqs = positions[..., None].astype(jnp.float32) * rope_inv_freq(self.cfg)  # [B, T, H/2]
         freqs = jnp.concatenate([freqs, freqs], axis=-1)
         cos, sin = jnp.cos(freqs), jnp.sin(freqs)
-        params = self._layer_params()
 
-        if cache is None:
-            def body(x, p):
-                return self._block(p, x, cos, sin, lambda k, v: (k, v, positions, positions)), None
+        def body(carry, xs):
+            x, cache = carry
+            p, layer = xs
+            x, cache = self._block(p, x, cos, sin, partial(attend, cache, layer))
+            return (x, cache), None
 
-            x, _ = jax.lax.scan(body, x, params)
-        else:
-            kv_len = cache.max_len if kv_len is None else kv_len
-            rows = jnp.arange(tokens.shape[0])[:, None]
-            kv_pos = jnp.broadcast_to(jnp.arange(kv_len), (tokens.shape[0], kv_len))
-
-            def body(carry, xs):
-                x, ck, cv = carry
-                p, layer = xs
-
-                def kv_fn(k, v):
-                    nonlocal ck, cv
-                    ck = ck.at[layer, rows, positions].set(k.astype(ck.dtype), mode="drop")
-                    cv = cv.at[layer, rows, positions].set(v.astype(cv.dtype), mode="drop")
-                    return ck[layer, :, :kv_len], cv[layer, :, :kv_len], kv_pos, positions
-
-                x = self._block(p, x, cos, sin, kv_fn)
-                return (x, ck, cv), None
-
-            layers = jnp.arange(self.cfg.num_layers)
-            (x, ck, cv), _ = jax.lax.scan(body, (x, cache.k, cache.v), (params, layers), unroll=UNROLL)
-            cache = DenseKVCache(ck, cv)
+        layers = jnp.arange(self.cfg.num_layers)
+        (x, cache), _ = jax.lax.scan(body, (x, cache), (self._layer_params(), layers))
         return rms_norm(x, self.final_norm[...], self.cfg.rms_norm_eps), cache
 
     def logits(self, hidden):
