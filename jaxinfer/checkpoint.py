@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxinfer.config import ModelConfig, RopeScaling, dump_yaml, load_config
+from jaxinfer.config import ModelConfig, RopeScaling, RunConfig, dump_yaml, load_config
 from jaxinfer.models import Model, abstract_params, resolve_dtype
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
@@ -245,3 +245,25 @@ def stop_ids(folder: str | Path | None) -> tuple[int, ...]:
             if eos is not None:
                 return tuple(eos) if isinstance(eos, list) else (int(eos),)
     return ()
+
+
+def build(cfg: RunConfig):
+    """(model, tokenizer, stop ids, label) for a run config."""
+    from jaxinfer.models import init_model
+    from jaxinfer.tokenizer import load_tokenizer
+
+    if cfg.checkpoint:
+        model = load_model(cfg.checkpoint, cfg.model.dtype if cfg.model.dtype != "auto" else None)
+        has_tok = (Path(cfg.checkpoint) / "tokenizer.json").is_file()
+        tok = load_tokenizer(cfg.checkpoint if has_tok and cfg.tokenizer == "byte" else cfg.tokenizer)
+        label = f"{cfg.checkpoint} ({model.cfg.family}, {model.num_params / 1e6:.2f}M params, {model.cfg.dtype})"
+        stops = tuple(dict.fromkeys(stop_ids(cfg.checkpoint) + tok.eos_ids))
+    else:
+        model = init_model(cfg.model, cfg.seed)
+        tok = load_tokenizer(cfg.tokenizer)
+        label = (f"{cfg.model.name}: RANDOM WEIGHTS (seed {cfg.seed}), {model.num_params / 1e6:.2f}M params, "
+                 f"{model.cfg.dtype}; its text is noise. Use --model HF_DIR for a real checkpoint.")
+        stops = tok.eos_ids
+    if tok.vocab_size > model.cfg.vocab_size:
+        raise ValueError(f"tokenizer has {tok.vocab_size} tokens but the model only {model.cfg.vocab_size}")
+    return model, tok, stops, label

@@ -10,10 +10,6 @@ from pathlib import Path
 DEFAULT_PROMPT = "The quick brown fox"
 
 
-class UserError(ValueError):
-    """Bad input from the command line; printed as one line, never as a traceback."""
-
-
 def _load_run_config(args):
     from jaxinfer.config import load_config, preset_path
 
@@ -29,34 +25,12 @@ def _load_run_config(args):
                                tokenizer=args.tokenizer or cfg.tokenizer)
 
 
-def _build(cfg):
-    """(model, tokenizer, stop ids, label) for a run config."""
-    from jaxinfer.checkpoint import load_model, stop_ids
-    from jaxinfer.models import init_model
-    from jaxinfer.tokenizer import load_tokenizer
-
-    if cfg.checkpoint:
-        model = load_model(cfg.checkpoint, cfg.model.dtype if cfg.model.dtype != "auto" else None)
-        has_tok = (Path(cfg.checkpoint) / "tokenizer.json").is_file()
-        tok = load_tokenizer(cfg.checkpoint if has_tok and cfg.tokenizer == "byte" else cfg.tokenizer)
-        label = f"{cfg.checkpoint} ({model.cfg.family}, {model.num_params / 1e6:.2f}M params, {model.cfg.dtype})"
-        stops = tuple(dict.fromkeys(stop_ids(cfg.checkpoint) + tok.eos_ids))
-    else:
-        model = init_model(cfg.model, cfg.seed)
-        tok = load_tokenizer(cfg.tokenizer)
-        label = (f"{cfg.model.name}: RANDOM WEIGHTS (seed {cfg.seed}), {model.num_params / 1e6:.2f}M params, "
-                 f"{model.cfg.dtype}; its text is noise. Use --model HF_DIR for a real checkpoint.")
-        stops = tok.eos_ids
-    if tok.vocab_size > model.cfg.vocab_size:
-        raise UserError(f"tokenizer has {tok.vocab_size} tokens but the model only {model.cfg.vocab_size}")
-    return model, tok, stops, label
-
-
 def cmd_generate(args) -> int:
+    from jaxinfer.checkpoint import build
     from jaxinfer.generate import Generator
 
     cfg = _load_run_config(args)
-    model, tok, stops, label = _build(cfg)
+    model, tok, stops, label = build(cfg)
     texts = args.prompt or [DEFAULT_PROMPT]
     rendered = [tok.apply_chat_template([{"role": "user", "content": t}]) for t in texts] if args.chat else texts
     prompts = [tok.encode(t, add_special_tokens=not args.chat) for t in rendered]

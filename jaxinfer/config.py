@@ -68,6 +68,7 @@ class SamplingConfig:
     min_p: float = 0.0  # 0 disables
     seed: int = 0
     logprobs: bool = False
+    stop: tuple[str, ...] = ()  # stop strings (engine only): the request ends when its text contains one
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,27 @@ class DecodeConfig:
 
     batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
     length_buckets: tuple[int, ...] = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """The serving engine: paged KV cache, token budget, shape buckets and the switches that
+    experiments turn on and off."""
+
+    mode: str = "continuous"  # continuous | static (dense cache, batch waits for its slowest member)
+    page_size: int = 16  # C: positions per KV page
+    num_pages: int = 0  # P; 0 = enough for max_num_seqs requests of max_model_len (or kv_memory_fraction)
+    kv_memory_fraction: float = 0.0  # > 0: fill this fraction of free device memory with pages
+    max_model_len: int = 2048  # per-request context limit (prompt + output), capped by the model's
+    max_num_seqs: int = 32  # rows per step
+    max_num_batched_tokens: int = 512  # token budget per step, decodes and prefill chunks together
+    decode_row_buckets: tuple[int, ...] = (0, 1, 2, 4, 8, 16, 32, 64)
+    prefill_row_buckets: tuple[int, ...] = (0, 1, 2, 4)
+    chunk_buckets: tuple[int, ...] = (16, 32, 64, 128, 256, 512)  # the largest is the chunk size
+    prefix_caching: bool = True
+    async_scheduling: bool = True  # dispatch step n+1 before reading step n's tokens
+    attention_impl: str = "auto"  # kernels.paged_attention implementation
+    debug_poison_freed_pages: bool = False  # NaN into freed pages: proves they are never read
 
 
 @dataclass(frozen=True)
@@ -88,6 +110,7 @@ class RunConfig:
     seed: int = 0  # random-init seed
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
 
 
 def _type_name(tp) -> str:

@@ -1,0 +1,370 @@
+"""HOST ONLY (no jax): requests, the page allocator with refcounts and a prefix cache, and the
+policy that turns waiting and running requests into one step's plan under a token budget.
+
+One token budget serves decodes and prefill chunks alike (no separate phases). Prefix caching
+matches chained hashes of full pages; freed cached pages stay in an LRU until a new page is
+needed. When pages run out, the most recently admitted running request is preempted by
+recompute: its pages are freed, it goes back to the head of the queue, nothing it produced is lost.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import enum
+import itertools
+import time
+
+import numpy as np
+
+from jaxinfer.config import EngineConfig, SamplingConfig
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    """A request and everything the host knows of it. Times are `Scheduler.clock()` seconds."""
+
+    id: str
+    prompt: list[int]
+    sampling: SamplingConfig
+    stop_ids: tuple[int, ...] = ()
+    arrival: float = 0.0
+    output: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[float] = dataclasses.field(default_factory=list)
+    pending: collections.deque = dataclasses.field(default_factory=collections.deque)  # (step_id, row) in flight
+    num_computed: int = 0  # positions whose KV is (or is being) written
+    pages: list[int] = dataclasses.field(default_factory=list)
+    page_hashes: list[int] = dataclasses.field(default_factory=list)  # of full pages, chained
+    status: Status = Status.WAITING
+    finish_reason: str | None = None  # stop | length | abort | error
+    error: str | None = None
+    scheduled_time: float | None = None  # first admission
+    token_times: list[float] = dataclasses.field(default_factory=list)
+    num_cached_tokens: int = 0  # prompt tokens served by the prefix cache at first admission
+    num_preemptions: int = 0
+
+    @property
+    def known(self) -> list[int]:
+        return self.prompt + self.output
+
+    @property
+    def num_tokens(self) -> int:
+        """Known tokens plus those sampled in flight."""
+        return len(self.prompt) + len(self.output) + len(self.pending)
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.output) + len(self.pending)
+
+
+class PageAllocator:
+    """Pages with reference counts. A page whose count drops to 0 goes to the free list, or, if it
+    holds a hashed full page, to an LRU of cached pages that prefix hits can revive."""
+
+    def __init__(self, num_pages: int, prefix_caching: bool = True):
+        self.num_pages = num_pages
+        self.prefix_caching = prefix_caching
+        self.refcount = np.zeros(num_pages, np.int32)
+        self.free = collections.deque(range(num_pages))
+        self.lru: collections.OrderedDict[int, None] = collections.OrderedDict()  # cached, refcount 0
+        self.by_hash: dict[int, int] = {}
+        self.hash_of: dict[int, int] = {}
+        self.newly_freed: list[int] = []  # pages that went to the free list (debug poisoning)
+
+    @property
+    def num_available(self) -> int:
+        return len(self.free) + len(self.lru)
+
+    def allocate(self) -> int | None:
+        if self.free:
+            page = self.free.popleft()
+        elif self.lru:
+            page, _ = self.lru.popitem(last=False)
+            del self.by_hash[self.hash_of.pop(page)]
+        else:
+            return None
+        self.refcount[page] = 1
+        return page
+
+    def release(self, page: int) -> None:
+        assert self.refcount[page] > 0, f"page {page} released twice"
+        self.refcount[page] -= 1
+        if self.refcount[page] == 0:
+            if page in self.hash_of:
+                self.lru[page] = None
+            else:
+                self.free.append(page)
+                self.newly_freed.append(page)
+
+    def lookup(self, h: int) -> int | None:
+        """The cached page holding hash `h`, now referenced once more; None on a miss."""
+        page = self.by_hash.get(h) if self.prefix_caching else None
+        if page is not None:
+            self.lru.pop(page, None)
+            self.refcount[page] += 1
+        return page
+
+    def register(self, page: int, h: int) -> None:
+        if self.prefix_caching and h not in self.by_hash and page not in self.hash_of:
+            self.by_hash[h], self.hash_of[page] = page, h
+
+
+def bucket(n: int, buckets, what: str) -> int:
+    for b in sorted(buckets):
+        if b >= n:
+            return b
+    raise ValueError(f"{what}={n} exceeds the largest bucket {max(buckets)}")
+
+
+@dataclasses.dataclass
+class StepPlan:
+    """What one step computes: numpy arrays for the device, and which request each row serves."""
+
+    step_id: int
+    num_decode_rows: int  # Bd (bucketed): rows [0, Bd) have one token each
+    arrays: dict[str, np.ndarray]
+    rows: list[tuple[Request, int, bool]]  # (request, row index, samples a token)
+    num_tokens: int  # real tokens scheduled
+    freed_pages: list[int]
+
+
+class Scheduler:
+    def __init__(self, cfg: EngineConfig, num_pages: int, max_model_len: int, clock=time.perf_counter):
+        self.cfg = cfg
+        self.page_size = cfg.page_size
+        self.max_model_len = max_model_len
+        self.max_pages_per_seq = -(-max_model_len // cfg.page_size)
+        self.chunk_size = max(cfg.chunk_buckets)
+        self.max_prefill_rows = max(cfg.prefill_row_buckets)
+        self.max_rows = min(cfg.max_num_seqs, max(cfg.decode_row_buckets))  # all rows may be decodes
+        self.alloc = PageAllocator(num_pages, cfg.prefix_caching)
+        self.clock = clock
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.step_ids = itertools.count()
+        self.num_preemptions = 0
+        self._ids = itertools.count()
+
+    # ---- requests ---------------------------------------------------------------------------
+    def add(self, prompt: list[int], sampling: SamplingConfig, stop_ids=(), request_id: str | None = None,
+            arrival: float | None = None) -> Request:
+        """Queues a request; one that can never run is returned finished with `error` set."""
+        rid = str(next(self._ids)) if request_id is None else str(request_id)
+        if rid in self.requests:
+            raise ValueError(f"request id '{rid}' is already in use")
+        req = Request(rid, list(prompt), sampling, tuple(stop_ids), self.clock() if arrival is None else arrival)
+        self.requests[rid] = req
+        need = len(prompt) + sampling.max_new_tokens
+        pages = -(-need // self.page_size)
+        if not prompt:
+            self._fail(req, "empty prompt: give at least one token (e.g. BOS)")
+        elif need > self.max_model_len:
+            self._fail(req, f"prompt of {len(prompt)} tokens + max_new_tokens {sampling.max_new_tokens} = {need} "
+                            f"exceeds the context limit of {self.max_model_len} (engine.max_model_len / model)")
+        elif pages > self.alloc.num_pages:
+            self._fail(req, f"needs {pages} KV pages of {self.page_size} positions but the cache has only "
+                            f"{self.alloc.num_pages}: raise engine.num_pages or lower max_new_tokens")
+        else:
+            self.waiting.append(req)
+        return req
+
+    def _fail(self, req: Request, why: str) -> None:
+        req.status, req.finish_reason, req.error = Status.FINISHED, "error", why
+
+    def abort(self, request_id: str) -> Request:
+        req = self.requests.get(str(request_id))
+        if req is None:
+            raise KeyError(f"no request with id '{request_id}'")
+        if req.status != Status.FINISHED:
+            self._finish(req, "abort")
+        return req
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _finish(self, req: Request, reason: str) -> None:
+        if req.status == Status.RUNNING:
+            self.running.remove(req)
+        elif req.status == Status.WAITING:
+            self.waiting.remove(req)
+        self._release(req)
+        req.status, req.finish_reason = Status.FINISHED, reason
+        req.pending.clear()
+
+    def _release(self, req: Request) -> None:
+        for page in reversed(req.pages):  # tail first: LRU evicts a prefix's end before its start
+            self.alloc.release(page)
+        req.pages, req.page_hashes, req.num_computed = [], [], 0
+
+    # ---- pages ------------------------------------------------------------------------------
+    def _grow(self, req: Request, num_positions: int) -> bool:
+        while len(req.pages) * self.page_size < num_positions:
+            page = self.alloc.allocate()
+            if page is None:
+                return False
+            req.pages.append(page)
+        return True
+
+    def _register_full_pages(self, req: Request) -> None:
+        """Hashes pages whose positions are all computed and whose tokens are all known."""
+        c, known = self.page_size, req.known
+        full = min(req.num_computed, len(known)) // c
+        for i in range(len(req.page_hashes), full):
+            prev = req.page_hashes[-1] if req.page_hashes else 0
+            h = hash((prev, tuple(known[i * c:(i + 1) * c])))
+            req.page_hashes.append(h)
+            self.alloc.register(req.pages[i], h)
+
+    def _prefix_hits(self, req: Request) -> None:
+        """Points a fresh request's first pages at cached pages with the same token prefix."""
+        c, known = self.page_size, req.known
+        prev = 0
+        for i in range((len(known) - 1) // c):  # at least one token is left to compute for logits
+            h = hash((prev, tuple(known[i * c:(i + 1) * c])))
+            page = self.alloc.lookup(h)
+            if page is None:
+                break
+            req.pages.append(page)
+            req.page_hashes.append(h)
+            prev = h
+        req.num_computed = len(req.pages) * c
+
+    def _preempt(self, victim: Request) -> None:
+        self.running.remove(victim)
+        self._release(victim)
+        victim.status = Status.WAITING
+        victim.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(victim)
+
+    # ---- policy -----------------------------------------------------------------------------
+    def schedule(self) -> StepPlan | None:
+        """Picks rows under the token budget: running requests first (decodes and continuing
+        prefills, in admission order), then waiting ones (FCFS) while budget and pages last."""
+        budget = self.cfg.max_num_batched_tokens
+        rows: list[tuple[Request, int]] = []  # (request, tokens this step)
+        num_prefill = 0
+        preempted = False
+        for req in list(self.running):
+            if req.status != Status.RUNNING or req.num_generated >= req.sampling.max_new_tokens:
+                continue
+            n = min(req.num_tokens - req.num_computed, budget, self.chunk_size)
+            if n <= 0 or len(rows) >= self.max_rows or (n > 1 and num_prefill >= self.max_prefill_rows):
+                continue
+            while not self._grow(req, req.num_computed + n):
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted = True
+                if victim is req:
+                    break
+            if req.status != Status.RUNNING:
+                continue
+            rows.append((req, n))
+            num_prefill += n > 1
+            budget -= n
+        while self.waiting and not preempted and budget > 0 and len(rows) < self.max_rows:
+            req = self.waiting[0]
+            if req.pending:  # a preempted request's last token is still in flight
+                break
+            self._prefix_hits(req)
+            n = min(len(req.known) - req.num_computed, budget, self.chunk_size)
+            if (n > 1 and num_prefill >= self.max_prefill_rows) or not self._grow(req, req.num_computed + n):
+                self._release(req)
+                break
+            self.waiting.popleft()
+            req.status = Status.RUNNING
+            if req.scheduled_time is None:
+                req.scheduled_time = self.clock()
+                req.num_cached_tokens = req.num_computed
+            self.running.append(req)
+            rows.append((req, n))
+            num_prefill += n > 1
+            budget -= n
+        return self._plan(rows) if rows else None
+
+    def _plan(self, rows: list[tuple[Request, int]]) -> StepPlan:
+        cfg, c = self.cfg, self.page_size
+        decode = [r for r in rows if r[1] == 1]
+        prefill = [r for r in rows if r[1] > 1]
+        bd = bucket(len(decode), cfg.decode_row_buckets, "decode rows")
+        bp = bucket(len(prefill), cfg.prefill_row_buckets, "prefill rows")
+        tp = bucket(max((n for _, n in prefill), default=0), cfg.chunk_buckets, "chunk") if prefill else 0
+        num_rows, num_tokens = bd + bp, bd + bp * tp
+        pad_slot = self.alloc.num_pages * c
+        a = {
+            "tokens": np.zeros(num_tokens, np.int32), "positions": np.zeros(num_tokens, np.int32),
+            "slots": np.full(num_tokens, pad_slot, np.int32), "prev_index": np.full(num_tokens, -1, np.int32),
+            "block_table": np.zeros((num_rows, self.max_pages_per_seq), np.int32),
+            "kv_lens": np.zeros(num_rows, np.int32), "logits_index": np.zeros(num_rows, np.int32),
+            "sample_step": np.zeros(num_rows, np.int32),
+        }
+        samp = {k: [] for k in ("temperature", "top_k", "top_p", "min_p", "seed")}
+        step_id = next(self.step_ids)
+        placed = []
+        starts = [i for i in range(len(decode))] + [bd + j * tp for j in range(len(prefill))]
+        row_ids = list(range(len(decode))) + [bd + j for j in range(len(prefill))]
+        for (req, n), row, first in zip(decode + prefill, row_ids, starts):
+            start, known = req.num_computed, req.known
+            pos = np.arange(start, start + n)
+            a["positions"][first:first + n] = pos
+            a["slots"][first:first + n] = np.asarray(req.pages)[pos // c] * c + pos % c
+            for j, p in enumerate(pos):
+                if p < len(known):
+                    a["tokens"][first + j] = known[p]
+                else:  # the token the previous step sampled for this request, still on device
+                    a["prev_index"][first + j] = req.pending[-1][1]
+            a["block_table"][row, : len(req.pages)] = req.pages
+            a["kv_lens"][row] = start + n
+            a["logits_index"][row] = first + n - 1
+            a["sample_step"][row] = req.num_generated
+            req.num_computed = start + n
+            samples = req.num_computed == req.num_tokens
+            if samples:
+                req.pending.append((step_id, row))
+            placed.append((req, row, samples))
+        for row in range(num_rows):
+            s = next((r.sampling for r, i, _ in placed if i == row), SamplingConfig())
+            for k in samp:
+                samp[k].append(getattr(s, k))
+        a |= {"temperature": np.asarray(samp["temperature"], np.float32),
+              "top_k": np.asarray(samp["top_k"], np.int32), "top_p": np.asarray(samp["top_p"], np.float32),
+              "min_p": np.asarray(samp["min_p"], np.float32), "seed": np.asarray(samp["seed"], np.uint32)}
+        freed, self.alloc.newly_freed = self.alloc.newly_freed, []
+        return StepPlan(step_id, bd, a, placed, sum(n for _, n in rows), freed)
+
+    def update(self, plan: StepPlan, tokens: np.ndarray, logprobs: np.ndarray) -> list[Request]:
+        """Takes a finished step's sampled tokens; returns the requests that got a token."""
+        now = self.clock()
+        touched = []
+        for req, row, samples in plan.rows:
+            if req.status == Status.FINISHED or not samples:
+                if req.status == Status.RUNNING:
+                    self._register_full_pages(req)
+                continue
+            assert req.pending and req.pending[0] == (plan.step_id, row), (req.id, req.pending, plan.step_id, row)
+            req.pending.popleft()
+            tok = int(tokens[row])
+            req.output.append(tok)
+            req.logprobs.append(float(logprobs[row]))
+            req.token_times.append(now)
+            touched.append(req)
+            if tok in req.stop_ids:
+                self._finish(req, "stop")
+            elif len(req.output) >= req.sampling.max_new_tokens or req.num_tokens >= self.max_model_len:
+                self._finish(req, "length")
+            elif req.status == Status.RUNNING:
+                self._register_full_pages(req)
+        return touched
+
+    def finish(self, request_id: str, reason: str) -> None:
+        """Ends a request from outside the policy (e.g. a stop string matched by the engine)."""
+        req = self.requests[request_id]
+        if req.status != Status.FINISHED:
+            self._finish(req, reason)
