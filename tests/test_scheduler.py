@@ -1,0 +1,100 @@
+"""Page accounting under random workloads, driven by a fake device step (no jax): no page owned
+twice, refcounts equal owners, and after every workload each page is free or cached."""
+
+import collections
+
+import numpy as np
+import pytest
+
+from jaxinfer.config import EngineConfig, SamplingConfig
+from jaxinfer.scheduler import PageAllocator, Scheduler, Status
+
+
+def check_accounting(s: Scheduler):
+    a = s.alloc
+    owners = collections.Counter()
+    for req in s.requests.values():
+        assert len(set(req.pages)) == len(req.pages), f"request {req.id} holds a page twice"
+        if req.status != Status.RUNNING:
+            assert not req.pages, f"{req.status} request {req.id} holds pages"
+        owners.update(req.pages)
+    for page in range(a.num_pages):
+        assert a.refcount[page] == owners[page], page
+    free, lru = list(a.free), list(a.lru)
+    assert len(set(free)) == len(free) and not set(free) & set(lru)
+    held = {p for p in range(a.num_pages) if a.refcount[p] > 0}
+    assert not held & (set(free) | set(lru))
+    assert held | set(free) | set(lru) == set(range(a.num_pages)), "a page went missing"
+    assert all(a.by_hash[a.hash_of[p]] == p for p in a.hash_of)
+
+
+def fake_step(plan, rng, vocab):
+    rows = len(plan.arrays["kv_lens"])
+    return rng.integers(0, vocab, rows), rng.standard_normal(rows)
+
+
+def run_workload(seed) -> Scheduler:
+    rng = np.random.default_rng(seed)
+    cfg = EngineConfig(page_size=int(rng.choice([2, 4, 8])), max_num_seqs=int(rng.integers(1, 9)),
+                       max_num_batched_tokens=int(rng.integers(8, 64)), chunk_buckets=(4, 8, 16),
+                       decode_row_buckets=(0, 1, 2, 4, 8), prefill_row_buckets=(0, 1, 2),
+                       prefix_caching=bool(rng.integers(2)))
+    num_pages = int(rng.integers(12, 40))
+    s = Scheduler(cfg, num_pages, max_model_len=num_pages * cfg.page_size)
+    vocab = 20
+    prefixes = [rng.integers(0, vocab, int(rng.integers(1, 24))).tolist() for _ in range(3)]
+    inflight = None
+    for t in range(400):
+        if rng.random() < 0.3 and t < 250:
+            prompt = prefixes[rng.integers(3)] + rng.integers(0, vocab, int(rng.integers(0, 10))).tolist()
+            s.add(prompt, SamplingConfig(max_new_tokens=int(rng.integers(1, 20))), stop_ids=(0,))
+        if rng.random() < 0.05 and s.requests:
+            s.abort(rng.choice(list(s.requests)))
+        plan = s.schedule()
+        if inflight is not None:  # async: the previous step's tokens arrive after the next plan
+            s.update(inflight, *fake_step(inflight, rng, vocab))
+        inflight = plan
+        check_accounting(s)
+        if t > 250 and not s.has_work() and inflight is None:
+            break
+    while s.has_work() or inflight is not None:
+        plan = s.schedule()
+        if inflight is not None:
+            s.update(inflight, *fake_step(inflight, rng, vocab))
+        inflight = plan
+        check_accounting(s)
+    assert all(r.status == Status.FINISHED for r in s.requests.values())
+    assert (s.alloc.refcount == 0).all()
+    assert len(s.alloc.free) + len(s.alloc.lru) == num_pages
+    for r in s.requests.values():
+        if r.finish_reason in ("stop", "length"):
+            assert len(r.output) <= r.sampling.max_new_tokens
+            assert r.finish_reason == "length" or r.output[-1] == 0
+    return s
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_workloads_keep_page_accounting(seed):
+    run_workload(seed)
+
+
+def test_the_workloads_do_preempt_and_hit_the_prefix_cache():
+    preempting, caching = run_workload(1), run_workload(4)
+    assert preempting.num_preemptions > 0
+    assert sum(r.num_cached_tokens for r in caching.requests.values()) > 0
+
+
+def test_allocator_evicts_cached_pages_lru_only_when_free_runs_out():
+    a = PageAllocator(3)
+    p0, p1 = a.allocate(), a.allocate()
+    a.register(p0, 111)
+    a.release(p0)
+    a.release(p1)
+    assert list(a.lru) == [p0] and a.lookup(111) == p0 and a.refcount[p0] == 1
+    a.release(p0)
+    got = [a.allocate() for _ in range(3)]  # the two free pages first, then the cached one
+    assert got[-1] == p0 and 111 not in a.by_hash and a.allocate() is None
+    with pytest.raises(AssertionError, match="released twice"):
+        a.release(p1)
+        a.release(p1)
+        a.release(p1)
