@@ -1,10 +1,11 @@
-"""The `jaxinfer` command: `generate` (default model, or --model HF_DIR) and `convert`."""
+"""The `jaxinfer` command: `generate` (default model, or --model HF_DIR), `bench` and `convert`."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import sys
+import time
 from pathlib import Path
 
 DEFAULT_PROMPT = "The quick brown fox"
@@ -48,6 +49,25 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from jaxinfer.bench import bench
+    from jaxinfer.checkpoint import build
+    from jaxinfer.config import load_config, preset_path
+
+    cfg = load_config(args.config or (None if args.model else preset_path("default")), args.overrides)
+    flags = {"num_requests": args.num_requests, "prompt_len": args.prompt_len, "output_len": args.output_len,
+             "shared_prefix_len": args.shared_prefix, "arrival_rate": args.rate,
+             "modes": tuple(args.compare.split(",")) if args.compare else None}
+    bench_cfg = dataclasses.replace(cfg.bench, **{k: v for k, v in flags.items() if v is not None})
+    cfg = dataclasses.replace(cfg, bench=bench_cfg, checkpoint=args.model or cfg.checkpoint)
+    model, _, _, label = build(cfg)
+    print(f"model: {label}\nworkload: {bench_cfg}", flush=True)
+    out = args.out or f"results/bench/{time.strftime('%Y%m%d-%H%M%S')}.json"
+    bench(cfg, model, out)
+    print(f"wrote {out}")
+    return 0
+
+
 def cmd_convert(args) -> int:
     from jaxinfer.checkpoint import load_hf, save_converted
 
@@ -78,6 +98,18 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--logprobs", action="store_true", help="print the logprob of each chosen token")
     g.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. model.num_layers=2")
     g.set_defaults(func=cmd_generate)
+    b = sub.add_parser("bench", help="offline serving benchmark: continuous vs static vs sequential")
+    b.add_argument("--config", help="a run YAML (model, engine, bench sections); default: the embedded model")
+    b.add_argument("--model", help="a Hugging Face checkpoint folder instead of random init")
+    b.add_argument("--compare", help="comma-separated modes: continuous,static,sequential")
+    b.add_argument("--num-requests", type=int)
+    b.add_argument("--prompt-len", type=int)
+    b.add_argument("--output-len", type=int)
+    b.add_argument("--shared-prefix", type=int, help="tokens of a prefix shared by every prompt")
+    b.add_argument("--rate", type=float, help="Poisson arrival rate in requests/s (0: all at once)")
+    b.add_argument("--out", help="JSON path (default results/bench/<time>.json)")
+    b.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. engine.page_size=32")
+    b.set_defaults(func=cmd_bench)
     c = sub.add_parser("convert", help="convert a Hugging Face folder to an orbax checkpoint")
     c.add_argument("hf_dir")
     c.add_argument("out_dir")

@@ -97,7 +97,26 @@ class EngineConfig:
     prefix_caching: bool = True
     async_scheduling: bool = True  # dispatch step n+1 before reading step n's tokens
     attention_impl: str = "auto"  # kernels.paged_attention implementation
+    mesh: tuple[int, ...] = (1, 1)  # (data, model) device mesh; params and cache split over `model`
     debug_poison_freed_pages: bool = False  # NaN into freed pages: proves they are never read
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """An offline serving workload for `jaxinfer bench`. Prompts are random token ids: the shared
+    prefix (if any) followed by a unique part of `prompt_len` tokens. Outputs ignore EOS so every
+    request produces its drawn output length."""
+
+    num_requests: int = 32
+    prompt_len: int = 128
+    prompt_len_max: int = 0  # > prompt_len: lengths drawn uniformly from [prompt_len, prompt_len_max]
+    output_len: int = 128
+    output_len_max: int = 0  # > output_len: drawn uniformly from [output_len, output_len_max]
+    shared_prefix_len: int = 0
+    arrival_rate: float = 0.0  # requests per second, Poisson arrivals; 0 = all arrive at once
+    seed: int = 0
+    modes: tuple[str, ...] = ("continuous",)  # continuous | static | sequential (one by one via generate())
+    warmup: bool = True  # run the workload once first so compilation stays out of the numbers
 
 
 @dataclass(frozen=True)
@@ -111,6 +130,7 @@ class RunConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
 
 
 def _type_name(tp) -> str:

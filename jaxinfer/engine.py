@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxinfer import sharding
 from jaxinfer.cache import PagedKVCache
 from jaxinfer.config import EngineConfig, RunConfig, SamplingConfig
 from jaxinfer.models import Model, dtype_of
@@ -80,9 +81,17 @@ class Engine:
         m = model.cfg
         self.cache = PagedKVCache.zeros(m.num_layers, m.num_kv_heads, num_pages, cfg.page_size, m.head_dim,
                                         dtype_of(m.dtype))
+        self.params, self.mesh, self._out_shardings, self._batch_sharding = model.params, None, None, None
+        if tuple(cfg.mesh) != (1, 1):
+            self.mesh = sharding.make_mesh(*cfg.mesh)
+            self.params = jax.device_put(model.params, sharding.param_shardings(model.params, self.mesh))
+            cache_s = sharding.cache_sharding(self.cache, self.mesh)
+            self.cache = jax.device_put(self.cache, cache_s)
+            self._batch_sharding = sharding.replicated(self.mesh)
+            self._out_shardings = (cache_s, self._batch_sharding, self._batch_sharding)
         self.scheduler = Scheduler(cfg, num_pages, self.max_model_len, clock)
         self.num_out_rows = max(cfg.decode_row_buckets) + max(cfg.prefill_row_buckets)
-        self._prev = jnp.zeros(self.num_out_rows, jnp.int32)
+        self._prev = jax.device_put(jnp.zeros(self.num_out_rows, jnp.int32), self._batch_sharding)
         self._steps: dict[int, object] = {}
         self._inflight: tuple[StepPlan, jax.Array, jax.Array] | None = None
         self.records: list[StepRecord] = []
@@ -113,7 +122,8 @@ class Engine:
     # ---- the loop -------------------------------------------------------------------------------
     def _step_fn(self, num_decode_rows: int):
         if num_decode_rows not in self._steps:
-            self._steps[num_decode_rows] = compile_step(self.model.graphdef, num_decode_rows, self.cfg.attention_impl)
+            self._steps[num_decode_rows] = compile_step(self.model.graphdef, num_decode_rows, self.cfg.attention_impl,
+                                                        self._out_shardings)
         return self._steps[num_decode_rows]
 
     def _dispatch(self, plan: StepPlan):
@@ -121,14 +131,13 @@ class Engine:
         batch = StepBatch(a["tokens"], a["positions"], a["slots"], a["prev_index"], a["block_table"], a["kv_lens"],
                           a["logits_index"], a["sample_step"],
                           SamplingParams(a["temperature"], a["top_k"], a["top_p"], a["min_p"], a["seed"]))
-        batch = jax.device_put(batch)
+        batch = jax.device_put(batch, self._batch_sharding)
         if self.cfg.debug_poison_freed_pages and plan.freed_pages:
             pages = np.full(bucket(len(plan.freed_pages), (2 ** i for i in range(31)), "pages"),
                             self.cache.num_pages, np.int32)
             pages[: len(plan.freed_pages)] = plan.freed_pages
             self.cache = poison_pages(self.cache, pages)
-        self.cache, tokens, logprobs = self._step_fn(plan.num_decode_rows)(
-            self.model.params, self.cache, batch, self._prev)
+        self.cache, tokens, logprobs = self._step_fn(plan.num_decode_rows)(self.params, self.cache, batch, self._prev)
         self._prev = tokens
         return plan, tokens, logprobs
 

@@ -103,18 +103,21 @@ def _decode(graphdef, params, cache, first, first_lp, lengths, max_new, stop_ids
     return out, lps
 
 
+_COMPILED: dict[tuple, tuple] = {}  # (graphdef, param dtypes, buckets) -> (prefill, decode) executables
+
+
 class Generator:
-    """Compiles prefill and decode once per shape bucket and reuses them across calls."""
+    """Compiles prefill and decode once per shape bucket; executables are shared by every
+    Generator over the same model structure, across calls."""
 
     def __init__(self, model: Model, decode: DecodeConfig = DecodeConfig()):
         self.model = model
         self.decode_cfg = decode
-        self._compiled: dict[tuple, tuple] = {}
 
     def _executables(self, rows, prompt_len, max_steps, num_stops, args):
-        key = (rows, prompt_len, max_steps, num_stops)
-        if key in self._compiled:
-            return self._compiled[key], 0.0
+        key = (self.model.graphdef, rows, prompt_len, max_steps, num_stops, self.decode_cfg.length_buckets)
+        if key in _COMPILED:
+            return _COMPILED[key], 0.0
         t0 = time.perf_counter()
         cache_len = bucket(prompt_len + max_steps, self.decode_cfg.length_buckets, "prompt + new tokens")
         graphdef = self.model.graphdef
@@ -124,8 +127,8 @@ class Generator:
         cache, first, lp = jax.eval_shape(prefill, self.model.params, tokens, lengths, sampling)
         decode = jax.jit(partial(_decode, graphdef, max_steps=max_steps))
         decode_c = decode.lower(self.model.params, cache, first, lp, lengths, max_new, stops, sampling).compile()
-        self._compiled[key] = (prefill_c, decode_c)
-        return self._compiled[key], time.perf_counter() - t0
+        _COMPILED[key] = (prefill_c, decode_c)
+        return _COMPILED[key], time.perf_counter() - t0
 
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig | list[SamplingConfig] = SamplingConfig(),
                  stop_ids: tuple[int, ...] = ()) -> GenerationResult:

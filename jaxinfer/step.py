@@ -80,11 +80,14 @@ def step(graphdef, params, cache: PagedKVCache, batch: StepBatch, prev_tokens, *
 
 
 @functools.cache
-def compile_step(graphdef, num_decode_rows: int, attention_impl: str = "auto", donate: bool = True):
+def compile_step(graphdef, num_decode_rows: int, attention_impl: str = "auto", out_shardings=None):
     """The jitted step for one decode-row count (a shape bucket); the cache is donated. Cached, so
-    engines over the same model structure share compilations."""
+    engines over the same model structure share compilations. On a mesh, `out_shardings` pins
+    (cache, tokens, logprobs) so the donated cache keeps its layout from step to step."""
     fn = partial(step, graphdef, num_decode_rows=num_decode_rows, attention_impl=attention_impl)
-    return jax.jit(fn, donate_argnums=(1,) if donate else ())
+    if out_shardings is None:
+        return jax.jit(fn, donate_argnums=(1,))
+    return jax.jit(fn, donate_argnums=(1,), out_shardings=out_shardings)
 
 
 @partial(jax.jit, donate_argnums=(0,))

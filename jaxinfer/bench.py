@@ -1,0 +1,98 @@
+"""`jaxinfer bench`: an offline workload through one or more serving modes in one process,
+printed as a metrics table and written as JSON (with the resolved config and versions)."""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+from jaxinfer.config import BenchConfig, RunConfig, SamplingConfig, to_dict
+from jaxinfer.engine import Engine
+from jaxinfer.metrics import format_table, summarize
+from jaxinfer.static import StaticBatcher
+
+MODES = ("continuous", "static", "sequential")
+
+
+def workload(b: BenchConfig, vocab_size: int) -> list[tuple[list[int], SamplingConfig, float]]:
+    """(prompt ids, sampling, arrival offset in seconds) per request, deterministic from b.seed."""
+    rng = np.random.default_rng(b.seed)
+    draw = lambda lo, hi, n: rng.integers(lo, max(lo, hi) + 1, n)  # noqa: E731
+    prompt_lens = draw(b.prompt_len, b.prompt_len_max, b.num_requests)
+    output_lens = draw(b.output_len, b.output_len_max, b.num_requests)
+    prefix = rng.integers(0, vocab_size, b.shared_prefix_len).tolist()
+    gaps = rng.exponential(1.0 / b.arrival_rate, b.num_requests) if b.arrival_rate > 0 else np.zeros(b.num_requests)
+    arrivals = np.cumsum(gaps) - gaps[0]
+    return [(prefix + rng.integers(0, vocab_size, int(p)).tolist(), SamplingConfig(max_new_tokens=int(o)), float(a))
+            for p, o, a in zip(prompt_lens, output_lens, arrivals)]
+
+
+def _progress(total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="req", leave=False)
+
+
+def run_continuous(engine: Engine, reqs, desc: str = "continuous"):
+    t0 = engine.clock()
+    order = sorted(range(len(reqs)), key=lambda i: reqs[i][2])
+    ids, nxt = {}, 0
+    with _progress(len(reqs), desc) as bar:
+        while nxt < len(order) or engine.has_work():
+            now = engine.clock() - t0
+            while nxt < len(order) and reqs[order[nxt]][2] <= now:
+                i = order[nxt]
+                ids[i] = engine.add_request(reqs[i][0], reqs[i][1], stop_ids=(), arrival=t0 + reqs[i][2])
+                nxt += 1
+            if engine.has_work():
+                before = sum(engine.scheduler.requests[r].finish_reason is not None for r in ids.values())
+                engine.step()
+                bar.update(sum(engine.scheduler.requests[r].finish_reason is not None for r in ids.values()) - before)
+            else:
+                time.sleep(max(0.0, reqs[order[nxt]][2] - (engine.clock() - t0)))
+    return [engine.completion(ids[i]) for i in range(len(reqs))]
+
+
+def run_mode(mode: str, model, cfg: RunConfig, reqs):
+    """-> (completions, summary) of one mode over the workload (arrival offsets from now)."""
+    if mode == "continuous":
+        engine = Engine(model, None, cfg.engine)
+        done = run_continuous(engine, reqs)
+        return done, summarize(done, engine.records, cfg.engine.page_size, engine.scheduler.num_preemptions)
+    if mode in ("static", "sequential"):
+        batcher = StaticBatcher(model, cfg.engine.max_num_seqs if mode == "static" else 1, cfg.decode)
+        t0 = batcher.clock()
+        with _progress(len(reqs), mode) as bar:
+            done = batcher.run([(p, s, t0 + a) for p, s, a in reqs], progress=bar)
+        return done, summarize(done)
+    raise ValueError(f"bench mode '{mode}' is unknown; choose from {', '.join(MODES)}")
+
+
+def bench(cfg: RunConfig, model, out: str | Path | None = None) -> dict:
+    """Runs every mode of cfg.bench on the same workload; prints the table; writes JSON."""
+    import jax
+
+    for mode in cfg.bench.modes:
+        if mode not in MODES:
+            raise ValueError(f"bench mode '{mode}' is unknown; choose from {', '.join(MODES)}")
+    reqs = workload(cfg.bench, model.cfg.vocab_size)
+    results, compile_s = {}, {}
+    for mode in cfg.bench.modes:
+        if cfg.bench.warmup:
+            t0 = time.perf_counter()
+            run_mode(mode, model, cfg, [(p, s, 0.0) for p, s, _ in reqs])
+            compile_s[mode] = time.perf_counter() - t0
+        _, results[mode] = run_mode(mode, model, cfg, reqs)
+        results[mode]["warmup_s"] = compile_s.get(mode, float("nan"))
+    print(format_table(results))
+    report = {"results": results, "config": to_dict(cfg), "env": {
+        "jax": jax.__version__, "device": jax.devices()[0].device_kind, "num_devices": jax.device_count(),
+        "python": platform.python_version(), "machine": platform.machine(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}}
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(report, indent=1))
+    return report

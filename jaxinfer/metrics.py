@@ -1,0 +1,103 @@
+"""HOST ONLY: serving metrics, one definition each, from completions and per-step records.
+
+Definitions (all times in seconds on one clock):
+- TTFT: first token time - arrival.
+- TPOT: (last token time - first token time) / (output tokens - 1); requests with one token excluded.
+- ITL: every gap between consecutive tokens of a request (pooled over requests).
+- E2E: last token time - arrival.
+- Queue: first scheduled - arrival.
+- Throughput: tokens / (last token time of any request - first arrival); input = prompt tokens,
+  output = generated tokens, total = both.
+- KV pages used: pages with a reference after each step (mean, max); slot occupancy: live tokens /
+  (pages used * page size), mean over steps.
+- Prefix-cache hit rate: prompt tokens served from cached pages / prompt tokens.
+- Host overhead per step: step wall time minus the time blocked reading tokens back, as a
+  fraction of the step's wall time. With async scheduling the device runs the next step meanwhile,
+  so this is time the host needs, not time the device idles, as long as it stays below 1.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+PERCENTILES = (50, 90, 99)
+
+
+def percentiles(values) -> dict[str, float]:
+    v = np.asarray([x for x in values if x == x], np.float64)
+    out = {f"p{p}": float(np.percentile(v, p)) if v.size else float("nan") for p in PERCENTILES}
+    out["mean"] = float(v.mean()) if v.size else float("nan")
+    return out
+
+
+def request_latencies(c) -> dict[str, float | list[float]]:
+    """TTFT, TPOT, E2E, queue and ITLs of one completion (NaN where undefined)."""
+    t = c.token_times
+    nan = float("nan")
+    return {
+        "ttft": t[0] - c.arrival if t else nan,
+        "tpot": (t[-1] - t[0]) / (len(t) - 1) if len(t) > 1 else nan,
+        "e2e": t[-1] - c.arrival if t else nan,
+        "queue": c.scheduled - c.arrival if c.scheduled is not None else nan,
+        "itl": list(np.diff(t)) if len(t) > 1 else [],
+    }
+
+
+def summarize(completions, records=(), page_size: int | None = None, num_preemptions: int = 0) -> dict:
+    """The metrics above for one run; `records` are the engine's StepRecords (may be empty)."""
+    ok = [c for c in completions if c.error is None and c.token_times]
+    lat = [request_latencies(c) for c in ok]
+    start = min(c.arrival for c in ok) if ok else 0.0
+    end = max(c.token_times[-1] for c in ok) if ok else 0.0
+    wall = max(end - start, 1e-12)
+    n_in = sum(len(c.prompt_tokens) for c in ok)
+    n_out = sum(len(c.tokens) for c in ok)
+    summary = {
+        "num_requests": len(completions), "num_errors": sum(c.error is not None for c in completions),
+        "wall_s": wall, "input_tokens": n_in, "output_tokens": n_out,
+        "throughput_input_tok_s": n_in / wall, "throughput_output_tok_s": n_out / wall,
+        "throughput_total_tok_s": (n_in + n_out) / wall,
+        "ttft_s": percentiles(x["ttft"] for x in lat), "tpot_s": percentiles(x["tpot"] for x in lat),
+        "itl_s": percentiles(g for x in lat for g in x["itl"]), "e2e_s": percentiles(x["e2e"] for x in lat),
+        "queue_s": percentiles(x["queue"] for x in lat),
+        "prefix_cache_hit_rate": sum(c.num_cached_tokens for c in ok) / max(n_in, 1),
+        "preemptions": num_preemptions,
+    }
+    if records:
+        walls = np.array([r.end - r.start for r in records])
+        host = walls - np.array([r.wait_s for r in records])
+        pages = np.array([r.pages_used for r in records])
+        summary |= {
+            "num_steps": len(records), "step_s": percentiles(walls), "host_s_per_step": percentiles(host),
+            "host_fraction_of_step": float(np.median(host / np.maximum(walls, 1e-12))),
+            "kv_pages_used_mean": float(pages.mean()), "kv_pages_used_max": int(pages.max()),
+        }
+        if page_size:
+            occ = [r.live_tokens / (r.pages_used * page_size) for r in records if r.pages_used]
+            summary["kv_slot_occupancy_mean"] = float(np.mean(occ)) if occ else float("nan")
+    return summary
+
+
+def format_table(results: dict[str, dict]) -> str:
+    """One column per mode; rows are the headline metrics (ms for latencies)."""
+    rows = [("requests", "num_requests", 1, "{:.0f}"), ("errors", "num_errors", 1, "{:.0f}"),
+            ("wall s", "wall_s", 1, "{:.2f}"),
+            ("output tok/s", "throughput_output_tok_s", 1, "{:.1f}"),
+            ("total tok/s", "throughput_total_tok_s", 1, "{:.1f}")]
+    for name in ("ttft", "tpot", "itl", "e2e", "queue"):
+        for p in ("mean", "p50", "p90", "p99"):
+            rows.append((f"{name.upper()} {p} ms", (f"{name}_s", p), 1e3, "{:.1f}"))
+    rows += [("prefix hit rate", "prefix_cache_hit_rate", 1, "{:.2f}"), ("preemptions", "preemptions", 1, "{:.0f}"),
+             ("steps", "num_steps", 1, "{:.0f}"), ("host ms/step p50", ("host_s_per_step", "p50"), 1e3, "{:.2f}"),
+             ("step ms p50", ("step_s", "p50"), 1e3, "{:.2f}"), ("host / step", "host_fraction_of_step", 1, "{:.3f}"),
+             ("KV pages max", "kv_pages_used_max", 1, "{:.0f}"), ("KV slot occupancy", "kv_slot_occupancy_mean", 1, "{:.2f}")]
+    modes = list(results)
+    width = max(12, *(len(m) + 2 for m in modes))
+    lines = [f"{'metric':<22}" + "".join(f"{m:>{width}}" for m in modes)]
+    for label, key, scale, fmt in rows:
+        cells = []
+        for m in modes:
+            v = results[m].get(key[0], {}).get(key[1]) if isinstance(key, tuple) else results[m].get(key)
+            cells.append(f"{fmt.format(v * scale):>{width}}" if isinstance(v, (int, float)) and v == v else f"{'-':>{width}}")
+        lines.append(f"{label:<22}" + "".join(cells))
+    return "\n".join(lines)
