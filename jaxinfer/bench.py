@@ -15,7 +15,7 @@ from jaxinfer.engine import Engine
 from jaxinfer.metrics import format_table, summarize
 from jaxinfer.static import StaticBatcher
 
-MODES = ("continuous", "static", "sequential")
+MODES = ("continuous", "static", "sequential")  # static: dense cache reserved for engine.max_model_len
 
 
 def workload(b: BenchConfig, vocab_size: int) -> list[tuple[list[int], SamplingConfig, float]]:
@@ -64,7 +64,9 @@ def run_mode(mode: str, model, cfg: RunConfig, reqs):
         done = run_continuous(engine, reqs)
         return done, summarize(done, engine.records, cfg.engine.page_size, engine.scheduler.num_preemptions)
     if mode in ("static", "sequential"):
-        batcher = StaticBatcher(model, cfg.engine.max_num_seqs if mode == "static" else 1, cfg.decode)
+        static = mode == "static"
+        batcher = StaticBatcher(model, cfg.engine.max_num_seqs if static else 1, cfg.decode,
+                                reserve_len=min(cfg.engine.max_model_len, model.cfg.max_position_embeddings) if static else None)
         t0 = batcher.clock()
         with _progress(len(reqs), mode) as bar:
             done = batcher.run([(p, s, t0 + a) for p, s, a in reqs], progress=bar)

@@ -84,7 +84,6 @@ class EngineConfig:
     """The serving engine: paged KV cache, token budget, shape buckets and the switches that
     experiments turn on and off."""
 
-    mode: str = "continuous"  # continuous | static (dense cache, batch waits for its slowest member)
     page_size: int = 16  # C: positions per KV page
     num_pages: int = 0  # P; 0 = enough for max_num_seqs requests of max_model_len (or kv_memory_fraction)
     kv_memory_fraction: float = 0.0  # > 0: fill this fraction of free device memory with pages

@@ -110,16 +110,23 @@ class Generator:
     """Compiles prefill and decode once per shape bucket; executables are shared by every
     Generator over the same model structure, across calls."""
 
-    def __init__(self, model: Model, decode: DecodeConfig = DecodeConfig()):
+    def __init__(self, model: Model, decode: DecodeConfig = DecodeConfig(), reserve_len: int | None = None):
+        """reserve_len: give every row a dense cache of this many positions (static batching's
+        reservation for the maximum length) instead of the smallest bucket that fits."""
         self.model = model
         self.decode_cfg = decode
+        self.reserve_len = reserve_len
 
     def _executables(self, rows, prompt_len, max_steps, num_stops, args):
-        key = (self.model.graphdef, rows, prompt_len, max_steps, num_stops, self.decode_cfg.length_buckets)
+        cache_len = self.reserve_len or bucket(prompt_len + max_steps, self.decode_cfg.length_buckets,
+                                               "prompt + new tokens")
+        if cache_len < prompt_len + max_steps:
+            raise ValueError(f"reserve_len={cache_len} is shorter than the prompt bucket {prompt_len} plus "
+                             f"{max_steps} new tokens")
+        key = (self.model.graphdef, rows, prompt_len, max_steps, num_stops, cache_len)
         if key in _COMPILED:
             return _COMPILED[key], 0.0
         t0 = time.perf_counter()
-        cache_len = bucket(prompt_len + max_steps, self.decode_cfg.length_buckets, "prompt + new tokens")
         graphdef = self.model.graphdef
         prefill = jax.jit(partial(_prefill, graphdef, cache_len=cache_len))
         tokens, lengths, sampling, max_new, stops = args

@@ -140,6 +140,10 @@ class Scheduler:
         self.page_size = cfg.page_size
         self.max_model_len = max_model_len
         self.max_pages_per_seq = -(-max_model_len // cfg.page_size)
+        # Block tables are as wide as the step's longest row needs (a power of two), not the context:
+        # the reference attention gathers every listed page.
+        self.table_buckets = sorted({min(2 ** i, self.max_pages_per_seq)
+                                     for i in range(self.max_pages_per_seq.bit_length() + 1)})
         self.chunk_size = max(cfg.chunk_buckets)
         self.max_prefill_rows = max(cfg.prefill_row_buckets)
         self.max_rows = min(cfg.max_num_seqs, max(cfg.decode_row_buckets))  # all rows may be decodes
@@ -301,7 +305,8 @@ class Scheduler:
         a = {
             "tokens": np.zeros(num_tokens, np.int32), "positions": np.zeros(num_tokens, np.int32),
             "slots": np.full(num_tokens, pad_slot, np.int32), "prev_index": np.full(num_tokens, -1, np.int32),
-            "block_table": np.zeros((num_rows, self.max_pages_per_seq), np.int32),
+            "block_table": np.zeros((num_rows, bucket(max(len(r.pages) for r, _ in rows), self.table_buckets,
+                                                      "pages per row")), np.int32),
             "kv_lens": np.zeros(num_rows, np.int32), "logits_index": np.zeros(num_rows, np.int32),
             "sample_step": np.zeros(num_rows, np.int32),
         }

@@ -1,5 +1,6 @@
-"""The static-batching baseline: a dense cache reserved for the longest member, and a batch that
-returns when its slowest member is done. `max_num_seqs=1` is "one by one through generate()".
+"""The static-batching baseline: a dense cache reserved for the maximum length (`reserve_len`; the
+engine's max_model_len in `jaxinfer bench`), and a batch that returns when its slowest member is
+done. `max_batch=1` without a reservation is "one by one through generate()".
 
 Per-token times: the while_loop reports none, so token i is stamped at the prefill end plus i
 decode steps of the batch's measured mean step time; the last token is stamped when the batch
@@ -18,8 +19,8 @@ from jaxinfer.models import Model
 
 class StaticBatcher:
     def __init__(self, model: Model, max_batch: int, decode: DecodeConfig = DecodeConfig(),
-                 clock=time.perf_counter):
-        self.gen = Generator(model, decode)
+                 reserve_len: int | None = None, clock=time.perf_counter):
+        self.gen = Generator(model, decode, reserve_len)
         self.max_batch, self.clock = max_batch, clock
 
     def run(self, requests: list[tuple[list[int], SamplingConfig, float]], stop_ids=(), progress=None) -> list[Completion]:

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).parents[1] / "jaxinfer"
-HOST_MODULES = ["tokenizer", "config"]
+HOST_MODULES = ["tokenizer", "config", "scheduler", "metrics"]
 DEVICE_LIBS = {"jax", "jaxlib", "flax", "optax", "orbax", "chex"}
 
 
