@@ -223,15 +223,32 @@ def cast(model: Model, dtype: str) -> Model:
     return Model(cfg, graphdef, params)
 
 
-def load_model(path: str | Path, dtype: str | None = None) -> Model:
+def relayout(model: Model, scan_layers: bool) -> Model:
+    """The same weights with layers stacked [L, ...] (scan) or one array per layer (unrolled)."""
+    if model.cfg.scan_layers == scan_layers:
+        return model
+    from jaxinfer.models import Transformer
+
+    cfg = dataclasses.replace(model.cfg, scan_layers=scan_layers)
+    graphdef, abstract = abstract_params(cfg)
+    pure = nnx.to_pure_dict(model.params)
+    for name in Transformer.LAYER_PARAMS:
+        if name in pure:
+            value = pure[name]
+            pure[name] = dict(enumerate(value)) if scan_layers is False else jnp.stack([value[i] for i in range(len(value))])
+    nnx.replace_by_pure_dict(abstract, pure)
+    return Model(cfg, graphdef, abstract)
+
+
+def load_model(path: str | Path, dtype: str | None = None, scan_layers: bool | None = None) -> Model:
     """A Hugging Face folder or a `jaxinfer convert` folder, cast to `dtype` (default: "auto" for
-    HF folders, i.e. float32 on CPU and bfloat16 on accelerators; the saved dtype for converted ones)."""
+    HF folders, i.e. float32 on CPU and bfloat16 on accelerators; the saved dtype for converted
+    ones), with layers stacked or not (`scan_layers`; default: stacked, or as saved)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint '{path}' does not exist")
-    if (path / CONVERTED_CONFIG).is_file():
-        return load_converted(path, dtype)
-    return load_hf(path, dtype or "auto")
+    model = load_converted(path, dtype) if (path / CONVERTED_CONFIG).is_file() else load_hf(path, dtype or "auto")
+    return model if scan_layers is None else relayout(model, scan_layers)
 
 
 def stop_ids(folder: str | Path | None) -> tuple[int, ...]:
@@ -253,7 +270,8 @@ def build(cfg: RunConfig):
     from jaxinfer.tokenizer import load_tokenizer
 
     if cfg.checkpoint:
-        model = load_model(cfg.checkpoint, cfg.model.dtype if cfg.model.dtype != "auto" else None)
+        model = load_model(cfg.checkpoint, cfg.model.dtype if cfg.model.dtype != "auto" else None,
+                           cfg.model.scan_layers)
         has_tok = (Path(cfg.checkpoint) / "tokenizer.json").is_file()
         tok = load_tokenizer(cfg.checkpoint if has_tok and cfg.tokenizer == "byte" else cfg.tokenizer)
         label = f"{cfg.checkpoint} ({model.cfg.family}, {model.num_params / 1e6:.2f}M params, {model.cfg.dtype})"

@@ -54,6 +54,10 @@ class ModelConfig:
     qk_norm: bool = False  # Qwen3: RMSNorm on q and k per head
     sliding_window: int | None = None  # Mistral: a query sees the last `sliding_window` positions
     dtype: str = "auto"  # computation and parameter dtype: auto (f32 on CPU, bf16 elsewhere) | float32 | bfloat16
+    # Layer weights stacked [L, ...] under lax.scan (one compiled layer: fast compiles, TPU-friendly),
+    # or one array per layer in an unrolled loop (XLA CPU copies each scanned layer's weight slice
+    # before its dot, which halves decode speed there: measured 19.4 vs 10.2 ms per 110M step).
+    scan_layers: bool = True
     init_std: float = 0.02  # random init only
 
 

@@ -171,3 +171,15 @@ def test_bad_requests_get_error_results_and_others_run():
         e.add_request(good, SamplingConfig(max_new_tokens=0))
     with pytest.raises(ValueError, match="at least one page"):
         Engine(model(), None, EngineConfig(num_pages=-1))
+
+
+def test_unrolled_layers_engine_equals_dense():
+    import dataclasses
+
+    from jaxinfer.checkpoint import relayout
+
+    unrolled = relayout(model(), False)
+    ps = prompts([9, 21, 4], seed=11)
+    e = Engine(unrolled, None, BASE)
+    assert_equals_dense(e.generate(ps, GREEDY), ps)
+    assert dataclasses.replace(unrolled.cfg, scan_layers=True) == model().cfg

@@ -141,3 +141,18 @@ def test_live_transformers_logits_and_greedy(family):
     t = ref.reference_tokenization(FIXTURES / family)
     tok = load_tokenizer(FIXTURES / family)
     assert [tok.encode(s) for s in t["strings"]] == t["ids"]
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen3"])
+def test_unrolled_layer_layout_matches_transformers_too(family):
+    from jaxinfer.checkpoint import relayout
+
+    m = load_model(FIXTURES / family, scan_layers=False)
+    assert not m.cfg.scan_layers and "layers" not in str(jax.tree.leaves(m.params)[0].shape)
+    g = golden(family)
+    for i, ids in enumerate(g["prompts"]):
+        assert np.abs(full_logits(m, ids) - golden_logits(family, i)).max() < F32_TOL
+    assert Generator(m).generate(g["prompts"], SamplingConfig(max_new_tokens=32)).tokens == g["greedy"]
+    back = relayout(m, True)
+    for a, b in zip(jax.tree.leaves(back.params), jax.tree.leaves(model(family).params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -1,7 +1,8 @@
 """The Llama-family decoder (Llama 2/3, Mistral, Qwen2/2.5, Qwen3) as one Flax NNX module.
 
-Layer weights are stacked on a leading `layers` axis and the layers run under `lax.scan`: one
-compiled layer body whatever the depth, and a KV cache that is one `[L, ...]` buffer. Every
+Layer weights are stacked on a leading `layers` axis and the layers run under `lax.scan` (one
+compiled layer body whatever the depth), or, with `scan_layers: false`, held one array per layer
+in an unrolled loop (faster on CPU). The KV cache is one `[L, ...]` buffer either way. Every
 parameter carries logical axis names (`out_sharding` metadata) so sharding is a table, not a rewrite.
 """
 
@@ -114,30 +115,40 @@ class Transformer(nnx.Module):
                 value = (jnp.ones if init == "ones" else jnp.zeros)(shape, dt)
             return nnx.Param(value, out_sharding=names, eager_sharding=False)
 
+        def layer_param(shape, names, init="normal"):
+            if cfg.scan_layers:
+                return param((L, *shape), ("layers", *names), init)
+            return nnx.List([param(shape, names, init) for _ in range(L)])
+
         self.embed = param((V, D), ("vocab", "embed"))
-        self.attn_norm = param((L, D), ("layers", "embed"), "ones")
-        self.wq = param((L, D, N, H), ("layers", "embed", "q_heads", "head_dim"))
-        self.wk = param((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"))
-        self.wv = param((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"))
-        self.wo = param((L, N, H, D), ("layers", "q_heads", "head_dim", "embed"))
+        self.attn_norm = layer_param((D,), ("embed",), "ones")
+        self.wq = layer_param((D, N, H), ("embed", "q_heads", "head_dim"))
+        self.wk = layer_param((D, K, H), ("embed", "kv_heads", "head_dim"))
+        self.wv = layer_param((D, K, H), ("embed", "kv_heads", "head_dim"))
+        self.wo = layer_param((N, H, D), ("q_heads", "head_dim", "embed"))
         qkv_bias = cfg.qkv_bias
-        self.bq = param((L, N, H), ("layers", "q_heads", "head_dim"), "zeros") if qkv_bias else None
-        self.bk = param((L, K, H), ("layers", "kv_heads", "head_dim"), "zeros") if qkv_bias else None
-        self.bv = param((L, K, H), ("layers", "kv_heads", "head_dim"), "zeros") if qkv_bias else None
-        self.bo = param((L, D), ("layers", "embed"), "zeros") if cfg.o_bias else None
-        self.q_norm = param((L, H), ("layers", "head_dim"), "ones") if cfg.qk_norm else None
-        self.k_norm = param((L, H), ("layers", "head_dim"), "ones") if cfg.qk_norm else None
-        self.mlp_norm = param((L, D), ("layers", "embed"), "ones")
-        self.w_gate = param((L, D, F), ("layers", "embed", "ffw"))
-        self.w_up = param((L, D, F), ("layers", "embed", "ffw"))
-        self.w_down = param((L, F, D), ("layers", "ffw", "embed"))
+        self.bq = layer_param((N, H), ("q_heads", "head_dim"), "zeros") if qkv_bias else None
+        self.bk = layer_param((K, H), ("kv_heads", "head_dim"), "zeros") if qkv_bias else None
+        self.bv = layer_param((K, H), ("kv_heads", "head_dim"), "zeros") if qkv_bias else None
+        self.bo = layer_param((D,), ("embed",), "zeros") if cfg.o_bias else None
+        self.q_norm = layer_param((H,), ("head_dim",), "ones") if cfg.qk_norm else None
+        self.k_norm = layer_param((H,), ("head_dim",), "ones") if cfg.qk_norm else None
+        self.mlp_norm = layer_param((D,), ("embed",), "ones")
+        self.w_gate = layer_param((D, F), ("embed", "ffw"))
+        self.w_up = layer_param((D, F), ("embed", "ffw"))
+        self.w_down = layer_param((F, D), ("ffw", "embed"))
         self.final_norm = param((D,), ("embed",), "ones")
         self.lm_head = None if cfg.tie_embeddings else param((D, V), ("embed", "vocab"))
 
-    def _layer_params(self) -> dict:
-        names = ["attn_norm", "wq", "wk", "wv", "wo", "bq", "bk", "bv", "bo", "q_norm", "k_norm",
-                 "mlp_norm", "w_gate", "w_up", "w_down"]
-        return {n: getattr(self, n)[...] for n in names if getattr(self, n) is not None}
+    LAYER_PARAMS = ("attn_norm", "wq", "wk", "wv", "wo", "bq", "bk", "bv", "bo", "q_norm", "k_norm",
+                    "mlp_norm", "w_gate", "w_up", "w_down")
+
+    def _layer_params(self):
+        """Stacked: {name: [L, ...]}. Unstacked: [{name: array}] per layer."""
+        present = [n for n in self.LAYER_PARAMS if getattr(self, n) is not None]
+        if self.cfg.scan_layers:
+            return {n: getattr(self, n)[...] for n in present}
+        return [{n: getattr(self, n)[i][...] for n in present} for i in range(self.cfg.num_layers)]
 
     def _block(self, p, x, cos, sin, attend):
         """One layer. p: this layer's params; attend(q, k, v) -> (cache, attention output)."""
@@ -189,8 +200,12 @@ class Transformer(nnx.Module):
             x, cache = self._block(p, x, cos, sin, partial(attend, cache, layer))
             return (x, cache), None
 
-        layers = jnp.arange(self.cfg.num_layers)
-        (x, cache), _ = jax.lax.scan(body, (x, cache), (self._layer_params(), layers))
+        if self.cfg.scan_layers:
+            layers = jnp.arange(self.cfg.num_layers)
+            (x, cache), _ = jax.lax.scan(body, (x, cache), (self._layer_params(), layers))
+        else:
+            for layer, p in enumerate(self._layer_params()):
+                (x, cache), _ = body((x, cache), (p, layer))
         return rms_norm(x, self.final_norm[...], self.cfg.rms_norm_eps), cache
 
     def logits(self, hidden):
