@@ -89,7 +89,7 @@ class EngineConfig:
     experiments turn on and off."""
 
     page_size: int = 16  # C: positions per KV page
-    num_pages: int = 0  # P; 0 = enough for max_num_seqs requests of max_model_len (or kv_memory_fraction)
+    num_pages: int | None = None  # P; None = kv_memory_fraction of free memory, else max_num_seqs full requests
     kv_memory_fraction: float = 0.0  # > 0: fill this fraction of free device memory with pages
     max_model_len: int = 2048  # per-request context limit (prompt + output), capped by the model's
     max_num_seqs: int = 32  # rows per step

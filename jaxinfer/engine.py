@@ -57,15 +57,17 @@ class StepRecord:
 
 def num_pages_for(cfg: EngineConfig, model: Model, max_model_len: int) -> int:
     """engine.num_pages, or a fraction of free device memory, or room for max_num_seqs full requests."""
-    if cfg.num_pages:
+    if cfg.num_pages is not None:
         return cfg.num_pages
     c, m = cfg.page_size, model.cfg
     if cfg.kv_memory_fraction > 0:
         stats = jax.devices()[0].memory_stats() or {}
-        if "bytes_limit" in stats:
-            free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
-            per_page = 2 * m.num_layers * m.num_kv_heads * c * m.head_dim * jnp.dtype(dtype_of(m.dtype)).itemsize
-            return max(1, int(free * cfg.kv_memory_fraction) // per_page)
+        if "bytes_limit" not in stats:
+            raise ValueError(f"engine.kv_memory_fraction={cfg.kv_memory_fraction}: {jax.devices()[0].platform} "
+                             "reports no memory limit; set engine.num_pages instead")
+        free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+        per_page = 2 * m.num_layers * m.num_kv_heads * c * m.head_dim * jnp.dtype(dtype_of(m.dtype)).itemsize
+        return int(free * cfg.kv_memory_fraction) // per_page
     return cfg.max_num_seqs * -(-max_model_len // c)
 
 
@@ -77,7 +79,8 @@ class Engine:
         self.max_model_len = min(cfg.max_model_len, model.cfg.max_position_embeddings)
         num_pages = num_pages_for(cfg, model, self.max_model_len)
         if num_pages <= 0:
-            raise ValueError(f"engine.num_pages={num_pages}: the KV cache needs at least one page")
+            raise ValueError(f"engine.num_pages={num_pages}: the KV cache needs at least one page "
+                             "(set engine.num_pages, or leave it unset for room for max_num_seqs full requests)")
         m = model.cfg
         self.cache = PagedKVCache.zeros(m.num_layers, m.num_kv_heads, num_pages, cfg.page_size, m.head_dim,
                                         dtype_of(m.dtype))

@@ -310,34 +310,32 @@ class Scheduler:
             "kv_lens": np.zeros(num_rows, np.int32), "logits_index": np.zeros(num_rows, np.int32),
             "sample_step": np.zeros(num_rows, np.int32),
         }
-        samp = {k: [] for k in ("temperature", "top_k", "top_p", "min_p", "seed")}
+        knobs = ("temperature", "top_k", "top_p", "min_p", "seed")
+        samp = {k: [getattr(SamplingConfig(), k)] * num_rows for k in knobs}  # padding rows: greedy
         step_id = next(self.step_ids)
         placed = []
-        starts = [i for i in range(len(decode))] + [bd + j * tp for j in range(len(prefill))]
+        starts = list(range(len(decode))) + [bd + j * tp for j in range(len(prefill))]
         row_ids = list(range(len(decode))) + [bd + j for j in range(len(prefill))]
         for (req, n), row, first in zip(decode + prefill, row_ids, starts):
             start, known = req.num_computed, req.known
             pos = np.arange(start, start + n)
             a["positions"][first:first + n] = pos
             a["slots"][first:first + n] = np.asarray(req.pages)[pos // c] * c + pos % c
-            for j, p in enumerate(pos):
-                if p < len(known):
-                    a["tokens"][first + j] = known[p]
-                else:  # the token the previous step sampled for this request, still on device
-                    a["prev_index"][first + j] = req.pending[-1][1]
+            have = max(0, min(n, len(known) - start))  # tokens known on the host
+            a["tokens"][first:first + have] = known[start:start + have]
+            if have < n:  # only a decode row's one token can be in flight: last step sampled it
+                a["prev_index"][first + have] = req.pending[-1][1]
             a["block_table"][row, : len(req.pages)] = req.pages
             a["kv_lens"][row] = start + n
             a["logits_index"][row] = first + n - 1
             a["sample_step"][row] = req.num_generated
+            for k in knobs:
+                samp[k][row] = getattr(req.sampling, k)
             req.num_computed = start + n
             samples = req.num_computed == req.num_tokens
             if samples:
                 req.pending.append((step_id, row))
             placed.append((req, row, samples))
-        for row in range(num_rows):
-            s = next((r.sampling for r, i, _ in placed if i == row), SamplingConfig())
-            for k in samp:
-                samp[k].append(getattr(s, k))
         a |= {"temperature": np.asarray(samp["temperature"], np.float32),
               "top_k": np.asarray(samp["top_k"], np.int32), "top_p": np.asarray(samp["top_p"], np.float32),
               "min_p": np.asarray(samp["min_p"], np.float32), "seed": np.asarray(samp["seed"], np.uint32)}

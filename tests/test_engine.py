@@ -169,8 +169,24 @@ def test_bad_requests_get_error_results_and_others_run():
     assert out[3].error is None and out[3].tokens == dense(tuple(good), SamplingConfig(max_new_tokens=10))
     with pytest.raises(ValueError, match="max_new_tokens=0"):
         e.add_request(good, SamplingConfig(max_new_tokens=0))
-    with pytest.raises(ValueError, match="at least one page"):
-        Engine(model(), None, EngineConfig(num_pages=-1))
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match=f"engine.num_pages={bad}: the KV cache needs at least one page"):
+            Engine(model(), None, EngineConfig(num_pages=bad))
+    with pytest.raises(ValueError, match="reports no memory limit; set engine.num_pages"):
+        Engine(model(), None, EngineConfig(kv_memory_fraction=0.5))
+
+
+def test_from_config_text_prompts_and_stop_strings():
+    from jaxinfer.config import load_config, preset_path
+
+    cfg = load_config(preset_path("default"), ["model.num_layers=1", "engine.max_model_len=128", "engine.page_size=8"])
+    e = Engine.from_config(cfg)
+    free = e.generate(["Hello"], SamplingConfig(max_new_tokens=24))[0]
+    assert free.prompt_tokens == e.tokenizer.encode("Hello") and free.text == e.tokenizer.decode(free.tokens)
+    ascii_run = next(free.text[i:i + 2] for i in range(len(free.text) - 1) if free.text[i:i + 2].isascii() and free.text[i:i + 2].isprintable())
+    stopped = e.generate(["Hello"], SamplingConfig(max_new_tokens=24, stop=(ascii_run,)))[0]
+    assert stopped.finish_reason == "stop" and ascii_run not in stopped.text
+    assert free.text.startswith(stopped.text) and len(stopped.tokens) < len(free.tokens)
 
 
 def test_unrolled_layers_engine_equals_dense():
