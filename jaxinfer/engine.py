@@ -19,9 +19,9 @@ from jaxinfer import sharding
 from jaxinfer.cache import PagedKVCache
 from jaxinfer.config import EngineConfig, RunConfig, SamplingConfig
 from jaxinfer.models import Model, dtype_of
-from jaxinfer.sampling import SamplingParams, validate
+from jaxinfer.sampling import validate
 from jaxinfer.scheduler import Request, Scheduler, Status, StepPlan, bucket
-from jaxinfer.step import StepBatch, compile_step, poison_pages
+from jaxinfer.step import compile_step, pack, poison_pages
 
 
 @dataclasses.dataclass
@@ -130,17 +130,15 @@ class Engine:
         return self._steps[num_decode_rows]
 
     def _dispatch(self, plan: StepPlan):
-        a = plan.arrays
-        batch = StepBatch(a["tokens"], a["positions"], a["slots"], a["prev_index"], a["block_table"], a["kv_lens"],
-                          a["logits_index"], a["sample_step"],
-                          SamplingParams(a["temperature"], a["top_k"], a["top_p"], a["min_p"], a["seed"]))
-        batch = jax.device_put(batch, self._batch_sharding)
+        ints, floats, layout = pack(plan.arrays)
+        ints, floats = jax.device_put((ints, floats), self._batch_sharding)
         if self.cfg.debug_poison_freed_pages and plan.freed_pages:
             pages = np.full(bucket(len(plan.freed_pages), (2 ** i for i in range(31)), "pages"),
                             self.cache.num_pages, np.int32)
             pages[: len(plan.freed_pages)] = plan.freed_pages
             self.cache = poison_pages(self.cache, pages)
-        self.cache, tokens, logprobs = self._step_fn(plan.num_decode_rows)(self.params, self.cache, batch, self._prev)
+        self.cache, tokens, logprobs = self._step_fn(plan.num_decode_rows)(self.params, self.cache, ints, floats,
+                                                                            self._prev, layout=layout)
         self._prev = tokens
         return plan, tokens, logprobs
 

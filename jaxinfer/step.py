@@ -15,6 +15,7 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxinfer.cache import PagedKVCache
@@ -62,11 +63,43 @@ def paged_attend(cache: PagedKVCache, layer, q, k, v, *, batch: StepBatch, num_d
     return cache, jnp.concatenate(parts)[None]
 
 
-def step(graphdef, params, cache: PagedKVCache, batch: StepBatch, prev_tokens, *, num_decode_rows: int,
+# The host uploads a step as two flat buffers (one transfer each instead of thirteen).
+INT_FIELDS = ("tokens", "positions", "slots", "prev_index", "block_table", "kv_lens", "logits_index",
+              "sample_step", "top_k", "seed")
+FLOAT_FIELDS = ("temperature", "top_p", "min_p")
+
+
+def pack(arrays: dict) -> tuple[np.ndarray, np.ndarray, tuple]:
+    """Host: (int32 buffer, float32 buffer, static layout) from a plan's arrays."""
+    ints = np.concatenate([arrays[k].astype(np.uint32).view(np.int32).ravel() if k == "seed"
+                           else arrays[k].ravel() for k in INT_FIELDS])
+    floats = np.concatenate([arrays[k].ravel() for k in FLOAT_FIELDS])
+    layout = (arrays["tokens"].shape[0], *arrays["block_table"].shape)  # (N, R, Pmax)
+    return ints, floats, layout
+
+
+def unpack(ints, floats, layout) -> StepBatch:
+    """Device: the StepBatch views of the two buffers (static slices)."""
+    n, r, w = layout
+    sizes = {"tokens": n, "positions": n, "slots": n, "prev_index": n, "block_table": r * w}
+    out, at = {}, 0
+    for k in INT_FIELDS:
+        size = sizes.get(k, r)
+        out[k], at = ints[at:at + size], at + size
+    out["block_table"] = out["block_table"].reshape(r, w)
+    f = {k: floats[i * r:(i + 1) * r] for i, k in enumerate(FLOAT_FIELDS)}
+    sampling = SamplingParams(f["temperature"], out["top_k"], f["top_p"], f["min_p"],
+                              jax.lax.bitcast_convert_type(out["seed"], jnp.uint32))
+    return StepBatch(out["tokens"], out["positions"], out["slots"], out["prev_index"], out["block_table"],
+                     out["kv_lens"], out["logits_index"], out["sample_step"], sampling)
+
+
+def step(graphdef, params, cache: PagedKVCache, ints, floats, prev_tokens, *, layout: tuple, num_decode_rows: int,
          attention_impl: str = "auto"):
     """-> (cache, sampled tokens [Rmax], logprobs [Rmax]), rows past R zero-padded so that the
     output, which feeds the next step as `prev_tokens`, has one shape whatever the bucket."""
     TRACES["step"] += 1
+    batch = unpack(ints, floats, layout)
     model = nnx.merge(graphdef, params)
     prev = prev_tokens[jnp.clip(batch.prev_index, 0, prev_tokens.shape[0] - 1)]
     tokens = jnp.where(batch.prev_index >= 0, prev, batch.tokens)
@@ -86,8 +119,8 @@ def compile_step(graphdef, num_decode_rows: int, attention_impl: str = "auto", o
     (cache, tokens, logprobs) so the donated cache keeps its layout from step to step."""
     fn = partial(step, graphdef, num_decode_rows=num_decode_rows, attention_impl=attention_impl)
     if out_shardings is None:
-        return jax.jit(fn, donate_argnums=(1,))
-    return jax.jit(fn, donate_argnums=(1,), out_shardings=out_shardings)
+        return jax.jit(fn, donate_argnums=(1,), static_argnames=("layout",))
+    return jax.jit(fn, donate_argnums=(1,), static_argnames=("layout",), out_shardings=out_shardings)
 
 
 @partial(jax.jit, donate_argnums=(0,))
