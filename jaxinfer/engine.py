@@ -95,6 +95,7 @@ class Engine:
         self.scheduler = Scheduler(cfg, num_pages, self.max_model_len, clock)
         self.num_out_rows = max(cfg.decode_row_buckets) + max(cfg.prefill_row_buckets)
         self._prev = jax.device_put(jnp.zeros(self.num_out_rows, jnp.int32), self._batch_sharding)
+        self._param_leaves, self._param_def = jax.tree.flatten(self.params)
         self._steps: dict[int, object] = {}
         self._inflight: tuple[StepPlan, jax.Array, jax.Array] | None = None
         self.records: list[StepRecord] = []
@@ -125,8 +126,8 @@ class Engine:
     # ---- the loop -------------------------------------------------------------------------------
     def _step_fn(self, num_decode_rows: int):
         if num_decode_rows not in self._steps:
-            self._steps[num_decode_rows] = compile_step(self.model.graphdef, num_decode_rows, self.cfg.attention_impl,
-                                                        self._out_shardings)
+            self._steps[num_decode_rows] = compile_step(self.model.graphdef, self._param_def, num_decode_rows,
+                                                        self.cfg.attention_impl, self._out_shardings)
         return self._steps[num_decode_rows]
 
     def _dispatch(self, plan: StepPlan):
@@ -137,8 +138,8 @@ class Engine:
                             self.cache.num_pages, np.int32)
             pages[: len(plan.freed_pages)] = plan.freed_pages
             self.cache = poison_pages(self.cache, pages)
-        self.cache, tokens, logprobs = self._step_fn(plan.num_decode_rows)(self.params, self.cache, ints, floats,
-                                                                            self._prev, layout=layout)
+        self.cache, tokens, logprobs = self._step_fn(plan.num_decode_rows)(
+            self._param_leaves, self.cache, ints, floats, self._prev, layout=layout)
         self._prev = tokens
         return plan, tokens, logprobs
 

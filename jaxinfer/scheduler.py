@@ -48,10 +48,10 @@ class Request:
     token_times: list[float] = dataclasses.field(default_factory=list)
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache at first admission
     num_preemptions: int = 0
+    known: list[int] = dataclasses.field(default_factory=list)  # prompt + output, kept in step
 
-    @property
-    def known(self) -> list[int]:
-        return self.prompt + self.output
+    def __post_init__(self):
+        self.known = self.prompt + self.output
 
     @property
     def num_tokens(self) -> int:
@@ -355,6 +355,7 @@ class Scheduler:
             req.pending.popleft()
             tok = int(tokens[row])
             req.output.append(tok)
+            req.known.append(tok)
             req.logprobs.append(float(logprobs[row]))
             req.token_times.append(now)
             touched.append(req)
