@@ -264,18 +264,26 @@ def stop_ids(folder: str | Path | None) -> tuple[int, ...]:
     return ()
 
 
+PACKAGE = "package:"  # checkpoint paths inside the installed package, e.g. package:reference/target
+
+
+def resolve_path(spec: str | Path) -> Path:
+    spec = str(spec)
+    return Path(__file__).parent / spec[len(PACKAGE):] if spec.startswith(PACKAGE) else Path(spec)
+
+
 def build(cfg: RunConfig):
     """(model, tokenizer, stop ids, label) for a run config."""
     from jaxinfer.models import init_model
     from jaxinfer.tokenizer import load_tokenizer
 
     if cfg.checkpoint:
-        model = load_model(cfg.checkpoint, cfg.model.dtype if cfg.model.dtype != "auto" else None,
-                           cfg.model.scan_layers)
-        has_tok = (Path(cfg.checkpoint) / "tokenizer.json").is_file()
-        tok = load_tokenizer(cfg.checkpoint if has_tok and cfg.tokenizer == "byte" else cfg.tokenizer)
+        path = resolve_path(cfg.checkpoint)
+        model = load_model(path, cfg.model.dtype if cfg.model.dtype != "auto" else None, cfg.model.scan_layers)
+        has_tok = (path / "tokenizer.json").is_file()
+        tok = load_tokenizer(path if has_tok and cfg.tokenizer == "byte" else cfg.tokenizer)
         label = f"{cfg.checkpoint} ({model.cfg.family}, {model.num_params / 1e6:.2f}M params, {model.cfg.dtype})"
-        stops = tuple(dict.fromkeys(stop_ids(cfg.checkpoint) + tok.eos_ids))
+        stops = tuple(dict.fromkeys(stop_ids(path) + tok.eos_ids))
     else:
         model = init_model(cfg.model, cfg.seed)
         tok = load_tokenizer(cfg.tokenizer)
@@ -285,3 +293,72 @@ def build(cfg: RunConfig):
     if tok.vocab_size > model.cfg.vocab_size:
         raise ValueError(f"tokenizer has {tok.vocab_size} tokens but the model only {model.cfg.vocab_size}")
     return model, tok, stops, label
+
+
+def _hf_inverse(cfg: ModelConfig) -> dict[str, callable]:
+    """Our layout -> HF layout, per parameter (one layer at a time for layer params)."""
+    D = cfg.hidden_size
+    ident = lambda w: w  # noqa: E731
+    return {
+        "embed": ident, "attn_norm": ident, "mlp_norm": ident, "final_norm": ident, "q_norm": ident,
+        "k_norm": ident, "bo": ident,
+        "wq": lambda w: w.reshape(D, -1).T, "wk": lambda w: w.reshape(D, -1).T, "wv": lambda w: w.reshape(D, -1).T,
+        "wo": lambda w: w.reshape(-1, D).T, "w_gate": lambda w: w.T, "w_up": lambda w: w.T,
+        "w_down": lambda w: w.T, "lm_head": lambda w: w.T,
+        "bq": lambda w: w.reshape(-1), "bk": lambda w: w.reshape(-1), "bv": lambda w: w.reshape(-1),
+    }
+
+
+def hf_config(cfg: ModelConfig, bos_id=None, eos_id=None, pad_id=None) -> dict:
+    """config.json for transformers (model_type = cfg.family)."""
+    arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+            "qwen3": "Qwen3ForCausalLM"}[cfg.family]
+    out = {
+        "architectures": [arch], "model_type": cfg.family, "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size, "intermediate_size": cfg.ffw_size, "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_q_heads, "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
+        "max_position_embeddings": cfg.max_position_embeddings, "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta, "tie_word_embeddings": cfg.tie_embeddings, "hidden_act": "silu",
+        "bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": pad_id, "torch_dtype": cfg.dtype,
+        "initializer_range": cfg.init_std,
+    }
+    if cfg.rope_scaling.rope_type != "default":
+        out["rope_scaling"] = dataclasses.asdict(cfg.rope_scaling)
+    if cfg.family in ("llama", "qwen3"):
+        if cfg.qkv_bias != cfg.o_bias:
+            raise CheckpointError(f"{cfg.family} has one attention_bias switch: qkv_bias and o_bias must agree")
+        out["attention_bias"] = cfg.qkv_bias
+    if cfg.family == "mistral":
+        out["sliding_window"] = cfg.sliding_window
+    return out
+
+
+def save_hf(model: Model, folder: str | Path, tokenizer=None, specials: tuple[str, str, str] | None = None) -> Path:
+    """Writes a Hugging Face folder (config.json, model.safetensors, generation_config.json and,
+    given a `tokenizers.Tokenizer` with its (bos, eos, pad) texts, the tokenizer files)."""
+    from safetensors.numpy import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = relayout(model, True).cfg
+    pure = nnx.to_pure_dict(relayout(model, True).params)
+    inverse = _hf_inverse(cfg)
+    tensors = {}
+    for ours, (pattern, _) in _hf_names(cfg).items():
+        value = np.asarray(pure[ours], np.float32)
+        if "{i}" in pattern:
+            for i in range(cfg.num_layers):
+                tensors[pattern.format(i=i)] = np.ascontiguousarray(inverse[ours](value[i]))
+        else:
+            tensors[pattern] = np.ascontiguousarray(inverse[ours](value))
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    ids = [tokenizer.token_to_id(s) for s in specials] if tokenizer is not None else [None] * 3
+    (folder / "config.json").write_text(json.dumps(hf_config(cfg, *ids), indent=1))
+    gen = {"bos_token_id": ids[0], "eos_token_id": ids[1], "pad_token_id": ids[2], "do_sample": False}
+    (folder / "generation_config.json").write_text(json.dumps(gen, indent=1))
+    if tokenizer is not None:
+        tokenizer.save(str(folder / "tokenizer.json"))
+        tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": specials[0], "eos_token": specials[1],
+                   "pad_token": specials[2], "model_max_length": cfg.max_position_embeddings}
+        (folder / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=1))
+    return folder

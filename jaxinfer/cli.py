@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-DEFAULT_PROMPT = "The quick brown fox"
+DEFAULT_PROMPT = "One morning, Ada and Ben"
 
 
 def _load_run_config(args):
@@ -81,8 +81,8 @@ def cmd_convert(args) -> int:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jaxinfer", description="JAX/XLA LLM inference research framework")
     sub = p.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("generate", help="generate text (default: the embedded random-weight model)")
-    g.add_argument("--config", help="a run YAML (see configs/); default: the embedded model")
+    g = sub.add_parser("generate", help="generate text (default: the shipped reference model)")
+    g.add_argument("--config", help="a run YAML (see configs/); default: jaxinfer/presets/default.yaml")
     g.add_argument("--model", help="a Hugging Face checkpoint folder or a `jaxinfer convert` output")
     g.add_argument("--tokenizer", help="'byte' or a folder with tokenizer.json (default: the model's)")
     g.add_argument("--prompt", action="append", help="prompt text; repeat for a batch")

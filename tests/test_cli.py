@@ -13,11 +13,19 @@ from jaxinfer.cli import main
 from jaxinfer.tokenizer import load_tokenizer
 
 
-def test_generate_with_no_arguments_runs_the_embedded_model(capsys):
+def test_generate_with_no_arguments_runs_the_shipped_reference_model(capsys):
     assert main(["generate"]) == 0
     out = capsys.readouterr().out
-    assert "RANDOM WEIGHTS" in out
-    assert "new tokens 64" in out and "TTFT" in out and "tok/s" in out and "compile" in out
+    assert "package:reference/target (llama" in out
+    assert "TTFT" in out and "tok/s" in out and "compile" in out
+
+
+def test_random_preset_needs_no_files(capsys):
+    from jaxinfer.config import preset_path
+
+    assert main(["generate", "--config", str(preset_path("random"))]) == 0
+    out = capsys.readouterr().out
+    assert "RANDOM WEIGHTS" in out and "new tokens 64" in out
 
 
 def test_console_script_entry_point():
@@ -60,7 +68,7 @@ def test_bad_input_gets_one_clear_line(capsys, tmp_path):
     (bad / "config.json").write_text(json.dumps(dict(cfg, model_type="gpt2")))
     one_line_error(capsys, ["generate", "--model", str(bad)], "model_type 'gpt2' is not supported")
     one_line_error(capsys, ["generate", "model.num_layer=2"], "did you mean 'model.num_layers'")
-    one_line_error(capsys, ["generate", "--prompt", "x" * 3000], "exceeds the model's context of 2048")
+    one_line_error(capsys, ["generate", "--prompt", "x" * 3000], "exceeds the model's context of 512")
     one_line_error(capsys, ["generate", "--max-new-tokens", "0"], "max_new_tokens=0")
     one_line_error(capsys, ["generate", "--temperature", "nan"], "temperature=nan")
     (bad / "config.json").unlink()

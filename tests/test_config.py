@@ -9,14 +9,16 @@ from jaxinfer.config import (ConfigError, ModelConfig, RunConfig, dump_yaml, loa
 ROOT = Path(__file__).parents[1]
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "configs").rglob("*.yaml")) + [preset_path("default")],
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").rglob("*.yaml")) +
+                         [preset_path("default"), preset_path("random")], ids=lambda p: p.name)
 def test_every_shipped_config_loads_and_round_trips(path, tmp_path):
-    cfg = load_config(path)
-    assert isinstance(cfg, RunConfig)
+    from experiments.train_reference_models import TrainConfig
+
+    cls = TrainConfig if path.name == "reference_models.yaml" else RunConfig
+    cfg = load_config(path, cls=cls)
     dumped = tmp_path / "resolved.yaml"
     dump_yaml(cfg, dumped)
-    assert load_config(dumped) == cfg
+    assert load_config(dumped, cls=cls) == cfg
 
 
 def test_dotted_overrides_and_types(tmp_path):

@@ -9,7 +9,10 @@ from jaxinfer.bench import workload
 from jaxinfer.cli import main
 from jaxinfer.config import BenchConfig
 from jaxinfer.engine import Completion
+from jaxinfer.config import preset_path
 from jaxinfer.metrics import format_table, request_latencies, summarize
+
+RANDOM = str(preset_path("random"))
 
 
 def completion(arrival, scheduled, times, prompt=4, cached=0):
@@ -50,7 +53,7 @@ def test_workload_is_deterministic_with_shared_prefix_and_poisson_arrivals():
 def test_bench_command_runs_every_mode_and_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
     argv = ["bench", "--num-requests", "4", "--prompt-len", "12", "--output-len", "6",
-            "--compare", "continuous,static,sequential", "--out", str(out), "model.num_layers=1",
+            "--compare", "continuous,static,sequential", "--out", str(out), "--config", RANDOM, "model.num_layers=1",
             "engine.max_model_len=64", "engine.page_size=8"]
     assert main(argv) == 0
     report = json.loads(out.read_text())
