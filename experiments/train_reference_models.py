@@ -45,6 +45,7 @@ class TrainConfig:
     vocab_size: int = 2048
     out_dir: str = "results/reference_models"
     ship_dir: str = ""  # if set, the trained folders are copied here (e.g. jaxinfer/reference)
+    ship_dtype: str = "bfloat16"  # weights in the written folders (halves the package); metrics report both
     target: StageConfig = field(default_factory=StageConfig)
     draft: StageConfig = field(default_factory=StageConfig)
 
@@ -221,7 +222,7 @@ def plot_curves(curves: dict, path: Path) -> None:
 
 def main(argv=None) -> dict:
     from experiments.corpus import build_corpus
-    from jaxinfer.checkpoint import save_hf
+    from jaxinfer.checkpoint import load_model, save_hf
 
     argv = sys.argv[1:] if argv is None else argv
     if not argv:
@@ -253,7 +254,13 @@ def main(argv=None) -> dict:
                "train_tokens": int(train.size), "wall_s": time.time() - t0}
     plot_curves({"target": target_curve, "draft": draft_curve}, out / "loss_curves.png")
     for name, model in (("target", target), ("draft", draft)):
-        save_hf(model, out / name, tok, SPECIALS)
+        save_hf(model, out / name, tok, SPECIALS, dtype=cfg.ship_dtype)
+    # The metrics of the weights as written (rounded to ship_dtype, computed in float32).
+    t_w, d_w = (load_model(out / n, "float32") for n in ("target", "draft"))
+    summary["target"]["shipped"] = evaluate(make_fns(t_w.graphdef, cfg.target)[2], t_w.params, val, None,
+                                            cfg.target.batch_size)
+    summary["draft"]["shipped"] = evaluate(make_fns(d_w.graphdef, cfg.draft, (t_w.graphdef, t_w.params))[2],
+                                           d_w.params, val, t_w.params, cfg.draft.batch_size)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     if cfg.ship_dir:
         import shutil

@@ -333,11 +333,14 @@ def hf_config(cfg: ModelConfig, bos_id=None, eos_id=None, pad_id=None) -> dict:
     return out
 
 
-def save_hf(model: Model, folder: str | Path, tokenizer=None, specials: tuple[str, str, str] | None = None) -> Path:
-    """Writes a Hugging Face folder (config.json, model.safetensors, generation_config.json and,
-    given a `tokenizers.Tokenizer` with its (bos, eos, pad) texts, the tokenizer files)."""
+def save_hf(model: Model, folder: str | Path, tokenizer=None, specials: tuple[str, str, str] | None = None,
+            dtype: str = "float32") -> Path:
+    """Writes a Hugging Face folder (config.json, model.safetensors in `dtype`, generation_config.json
+    and, given a `tokenizers.Tokenizer` with its (bos, eos, pad) texts, the tokenizer files)."""
+    import ml_dtypes
     from safetensors.numpy import save_file
 
+    store = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}[dtype]
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     cfg = relayout(model, True).cfg
@@ -348,12 +351,12 @@ def save_hf(model: Model, folder: str | Path, tokenizer=None, specials: tuple[st
         value = np.asarray(pure[ours], np.float32)
         if "{i}" in pattern:
             for i in range(cfg.num_layers):
-                tensors[pattern.format(i=i)] = np.ascontiguousarray(inverse[ours](value[i]))
+                tensors[pattern.format(i=i)] = np.ascontiguousarray(inverse[ours](value[i])).astype(store)
         else:
-            tensors[pattern] = np.ascontiguousarray(inverse[ours](value))
+            tensors[pattern] = np.ascontiguousarray(inverse[ours](value)).astype(store)
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     ids = [tokenizer.token_to_id(s) for s in specials] if tokenizer is not None else [None] * 3
-    (folder / "config.json").write_text(json.dumps(hf_config(cfg, *ids), indent=1))
+    (folder / "config.json").write_text(json.dumps(hf_config(dataclasses.replace(cfg, dtype=dtype), *ids), indent=1))
     gen = {"bos_token_id": ids[0], "eos_token_id": ids[1], "pad_token_id": ids[2], "do_sample": False}
     (folder / "generation_config.json").write_text(json.dumps(gen, indent=1))
     if tokenizer is not None:
