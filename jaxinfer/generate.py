@@ -22,6 +22,7 @@ from jaxinfer.cache import DenseKVCache
 from jaxinfer.config import DecodeConfig, SamplingConfig
 from jaxinfer.models import Model, dtype_of
 from jaxinfer.sampling import SamplingParams, sample, validate
+from jaxinfer.scheduler import bucket
 
 TRACES: collections.Counter = collections.Counter()  # python traces per function (tests count them)
 PAD = -1
@@ -49,14 +50,6 @@ class GenerationResult:
     finish_reasons: list[str]  # "stop" (a stop id) or "length" (max_new_tokens)
     logprobs: list[list[float]] | None
     timing: Timing
-
-
-def bucket(n: int, buckets: tuple[int, ...], what: str) -> int:
-    for b in sorted(buckets):
-        if b >= n:
-            return b
-    raise ValueError(f"{what}={n} exceeds the largest bucket {max(buckets)}; add a larger one to "
-                     f"the decode config's buckets")
 
 
 def _prefill(graphdef, params, tokens, lengths, sampling, *, cache_len):

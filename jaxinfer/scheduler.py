@@ -116,10 +116,12 @@ class PageAllocator:
 
 
 def bucket(n: int, buckets, what: str) -> int:
-    for b in sorted(buckets):
+    """The smallest bucket >= n (buckets: any iterable of sizes)."""
+    buckets = sorted(buckets)
+    for b in buckets:
         if b >= n:
             return b
-    raise ValueError(f"{what}={n} exceeds the largest bucket {max(buckets)}")
+    raise ValueError(f"{what}={n} exceeds the largest bucket {buckets[-1]}; add a larger one to the config's buckets")
 
 
 @dataclasses.dataclass
