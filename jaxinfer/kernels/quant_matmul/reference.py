@@ -1,0 +1,77 @@
+"""Quantized weights and `x @ W` in plain jnp: the specification for the quant_matmul kernels.
+
+`QuantArray` holds W [K, N] as symmetric integers with float scales:
+- int8, per output channel: values int8 [K, N], scales [1, N];
+- int4, group-wise along K: two values per byte (even k in the low nibble, odd k in the high),
+  values uint8 [K // 2, N], scales [K // group_size, N].
+The reference dequantizes, then dots with float32 accumulation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QuantArray:
+    values: jax.Array  # int8 [K, N] | uint8 [K // 2, N] (int4 packed)
+    scales: jax.Array  # float32 [1, N] | [K // group_size, N]
+    bits: int = dataclasses.field(metadata=dict(static=True), default=8)
+    group_size: int = dataclasses.field(metadata=dict(static=True), default=0)  # 0: per channel
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        k = self.values.shape[0] * (2 if self.bits == 4 else 1)
+        return k, self.values.shape[1]
+
+
+def quantize(w, bits: int = 8, group_size: int = 0) -> QuantArray:
+    """w [K, N] float -> QuantArray. int8: per output channel; int4: groups of `group_size` rows."""
+    k, n = w.shape
+    if bits == 8:
+        if group_size:
+            raise ValueError(f"int8 weights are per output channel: group_size={group_size} must be 0")
+        group = k
+    elif bits == 4:
+        if group_size not in (32, 64, 128) or k % group_size:
+            raise ValueError(f"int4 needs group_size in (32, 64, 128) dividing K={k}; got {group_size}")
+        group = group_size
+    else:
+        raise ValueError(f"bits={bits}: only 8 and 4 are supported")
+    qmax = 2 ** (bits - 1) - 1
+    wg = w.astype(jnp.float32).reshape(k // group, group, n)
+    scales = jnp.max(jnp.abs(wg), axis=1) / qmax  # [K // group, N]
+    scales = jnp.where(scales == 0, 1.0, scales)
+    q = jnp.clip(jnp.round(wg / scales[:, None]), -qmax - 1, qmax).astype(jnp.int8).reshape(k, n)
+    if bits == 8:
+        return QuantArray(q, scales, 8, 0)
+    nib = (q & 0xF).astype(jnp.uint8)
+    return QuantArray(nib[0::2] | (nib[1::2] << 4), scales, 4, group_size)
+
+
+def unpack_int4(packed):
+    """uint8 [K // 2, N] -> int8 [K, N] in [-8, 7] (sign-extended nibbles, interleaved back)."""
+    lo = (packed & 0xF).astype(jnp.int8)
+    hi = (packed >> 4).astype(jnp.int8)
+    lo, hi = jnp.where(lo > 7, lo - 16, lo), jnp.where(hi > 7, hi - 16, hi)
+    return jnp.stack([lo, hi], axis=1).reshape(-1, packed.shape[1])
+
+
+def dequantize(q: QuantArray, dtype=jnp.float32):
+    k, n = q.shape
+    ints = unpack_int4(q.values) if q.bits == 4 else q.values
+    group = q.group_size or k
+    w = ints.astype(jnp.float32).reshape(k // group, group, n) * q.scales[:, None]
+    return w.reshape(k, n).astype(dtype)
+
+
+def quant_matmul(x, q: QuantArray):
+    """x [..., K] (f32/bf16) @ W -> [..., N] in x's dtype, float32 accumulation."""
+    if x.shape[-1] != q.shape[0]:
+        raise ValueError(f"x has {x.shape[-1]} features but the weight expects K={q.shape[0]}")
+    out = jnp.einsum("...k,kn->...n", x, dequantize(q, x.dtype), preferred_element_type=jnp.float32)
+    return out.astype(x.dtype)
