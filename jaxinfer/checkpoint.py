@@ -343,8 +343,8 @@ def save_hf(model: Model, folder: str | Path, tokenizer=None, specials: tuple[st
     store = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}[dtype]
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    cfg = relayout(model, True).cfg
-    pure = nnx.to_pure_dict(relayout(model, True).params)
+    stacked = relayout(model, True)
+    cfg, pure = stacked.cfg, nnx.to_pure_dict(stacked.params)
     inverse = _hf_inverse(cfg)
     tensors = {}
     for ours, (pattern, _) in _hf_names(cfg).items():

@@ -11,11 +11,17 @@ from pathlib import Path
 DEFAULT_PROMPT = "One morning, Ada and Ben"
 
 
-def _load_run_config(args):
-    from jaxinfer.config import load_config, preset_path
+def _config_path(args):
+    """--config, else the embedded default (unless --model names the checkpoint)."""
+    from jaxinfer.config import preset_path
 
-    path = args.config or (None if args.model else preset_path("default"))
-    cfg = load_config(path, args.overrides)
+    return args.config or (None if args.model else preset_path("default"))
+
+
+def _load_run_config(args):
+    from jaxinfer.config import load_config
+
+    cfg = load_config(_config_path(args), args.overrides)
     sampling = dataclasses.replace(cfg.sampling, **{k: v for k, v in {
         "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
         "top_p": args.top_p, "min_p": args.min_p, "seed": args.seed,
@@ -52,9 +58,9 @@ def cmd_generate(args) -> int:
 def cmd_bench(args) -> int:
     from jaxinfer.bench import bench
     from jaxinfer.checkpoint import build
-    from jaxinfer.config import load_config, preset_path
+    from jaxinfer.config import load_config
 
-    cfg = load_config(args.config or (None if args.model else preset_path("default")), args.overrides)
+    cfg = load_config(_config_path(args), args.overrides)
     flags = {"num_requests": args.num_requests, "prompt_len": args.prompt_len, "output_len": args.output_len,
              "shared_prefix_len": args.shared_prefix, "arrival_rate": args.rate,
              "modes": tuple(args.compare.split(",")) if args.compare else None}
