@@ -1,9 +1,17 @@
 """Paged attention in plain jnp: the specification every backend kernel is tested against.
 
-Row b's kv position s lives in page `block_table[b, s // C]` at offset `s % C`. Query t of row b
-(at position `q_positions[b, t]`) sees kv position s iff s < kv_lens[b], s <= its position, and
-s > its position - sliding_window. Slots past kv_lens may hold anything, NaN included (recycled
-pages in debug mode): they are zeroed before use, so they can never leak into the output.
+One contract for a mixed batch: every row b holds T query slots (a decode row uses one, a prefill
+chunk up to T; unused slots are padding whose output nobody reads) and its own kv length and
+block table. Row b's kv position s lives in page `block_table[b, s // C]` at offset `s % C`.
+Query t of row b (at position `q_positions[b, t]`) sees kv position s iff s < kv_lens[b],
+s <= its position, and s > its position - sliding_window. Query head n reads kv head
+n // (N // K) (GQA, as Hugging Face's repeat_kv). Scores are q.k / sqrt(H), then, with `soft_cap`,
+cap * tanh(score / cap).
+
+KV pages are float, or int8 with float32 scales `[K, P, C]` (one per position and kv head):
+the value is int8 * scale. Slots past kv_lens may hold anything, NaN included (recycled pages in
+debug mode): they are zeroed before use, so they never leak into the output. A query that sees
+nothing gets zeros.
 """
 
 from __future__ import annotations
@@ -17,11 +25,21 @@ from einops import rearrange
 MASKED = -1e30  # finite, so a row that sees nothing averages zeros instead of producing NaN
 
 
-def paged_attention(q, k_pages, v_pages, block_table, kv_lens, q_positions, *, sliding_window=None):
-    """q [B, T, N, H]; k_pages, v_pages [K, P, C, H]; block_table [B, Pmax] int32;
-    kv_lens [B] int32; q_positions [B, T] int32 -> [B, T, N, H] in q's dtype."""
+def dequantize_pages(pages, scales, dtype):
+    """int8 pages [K, P, C, H] * scales [K, P, C] -> dtype; float pages pass through (cast)."""
+    if scales is None:
+        return pages.astype(dtype)
+    return (pages.astype(jnp.float32) * scales[..., None]).astype(dtype)
+
+
+def paged_attention(q, k_pages, v_pages, block_table, kv_lens, q_positions, *, k_scales=None, v_scales=None,
+                    sliding_window=None, soft_cap=None):
+    """q [B, T, N, H]; k_pages, v_pages [K, P, C, H] (float, or int8 with k_scales/v_scales [K, P, C]);
+    block_table [B, W] int32; kv_lens [B] int32; q_positions [B, T] int32 -> [B, T, N, H] in q's dtype."""
     num_kv_heads, _, page_size, h = k_pages.shape
     s = block_table.shape[1] * page_size
+    k_pages = dequantize_pages(k_pages, k_scales, q.dtype)
+    v_pages = dequantize_pages(v_pages, v_scales, q.dtype)
     k = rearrange(k_pages[:, block_table], "k b p c h -> b (p c) k h")  # [B, S, K, H]
     v = rearrange(v_pages[:, block_table], "k b p c h -> b (p c) k h")
     kv_pos = jnp.arange(s, dtype=jnp.int32)
@@ -31,8 +49,19 @@ def paged_attention(q, k_pages, v_pages, block_table, kv_lens, q_positions, *, s
     if sliding_window is not None:
         mask &= kv_pos[None, None, :] > q_positions[:, :, None] - sliding_window
     qg = rearrange(q, "b t (k g) h -> b t k g h", k=num_kv_heads)
-    scores = jnp.einsum("btkgh,bskh->bkgts", qg, k.astype(q.dtype), preferred_element_type=jnp.float32)
-    scores = jnp.where(mask[:, None, None], scores / math.sqrt(h), MASKED)
-    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v.astype(q.dtype))
+    scores = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32) / math.sqrt(h)
+    if soft_cap is not None:
+        scores = soft_cap * jnp.tanh(scores / soft_cap)
+    scores = jnp.where(mask[:, None, None], scores, MASKED)
+    probs = jax.nn.softmax(scores, axis=-1)
+    probs = jnp.where(mask[:, None, None], probs, 0).astype(q.dtype)  # a query that sees nothing: zeros
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v, preferred_element_type=jnp.float32).astype(q.dtype)
     return rearrange(out, "b t k g h -> b t (k g) h")
+
+
+def quantize_pages(pages):
+    """float pages [K, P, C, H] -> (int8 pages, float32 scales [K, P, C]): symmetric, per position
+    and kv head (the int8 KV format)."""
+    amax = jnp.max(jnp.abs(pages.astype(jnp.float32)), axis=-1)
+    scales = jnp.where(amax == 0, 1.0, amax / 127.0)
+    return jnp.clip(jnp.round(pages / scales[..., None]), -127, 127).astype(jnp.int8), scales

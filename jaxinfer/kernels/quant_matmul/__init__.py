@@ -1,19 +1,21 @@
-"""Quantized matmul dispatcher: `impl` is "auto" (best available) or a name. Pallas TPU/GPU
-kernels join IMPLS as they land (issue 5); `reference` is their specification."""
+"""Quantized matmul: `reference` (dequantize, then dot: the specification), `tpu` and `gpu` Pallas
+kernels, and the dispatcher that picks one (see jaxinfer.kernels for the impl names)."""
 
 from __future__ import annotations
 
-from jaxinfer.kernels.quant_matmul import reference
+from jaxinfer.kernels import select
+from jaxinfer.kernels.quant_matmul import gpu, reference, tpu
 from jaxinfer.kernels.quant_matmul.reference import QuantArray, dequantize, quantize
 
-IMPLS = {"reference": reference.quant_matmul}
+IMPLS = {"reference": reference.quant_matmul, "tpu": tpu.quant_matmul, "gpu": gpu.quant_matmul}
+UNSUPPORTED = {"tpu": tpu.unsupported, "gpu": gpu.unsupported}
 
 __all__ = ["IMPLS", "QuantArray", "dequantize", "quant_matmul", "quantize"]
 
 
 def quant_matmul(x, q: QuantArray, *, impl: str = "auto"):
-    if impl == "auto":
-        impl = "reference"
-    if impl not in IMPLS:
-        raise ValueError(f"matmul_impl '{impl}' is not available; choose from auto, {', '.join(IMPLS)}")
-    return IMPLS[impl](x, q)
+    """x [..., K] @ W -> [..., N] in x's dtype (see reference.quant_matmul)."""
+    if x.shape[-1] != q.shape[0]:
+        raise ValueError(f"x has {x.shape[-1]} features but the weight expects K={q.shape[0]}")
+    name, extra = select("matmul_impl", impl, UNSUPPORTED, x, q)
+    return IMPLS[name](x, q, **extra)

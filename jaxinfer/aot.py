@@ -1,0 +1,197 @@
+"""Compile for hardware we do not have: real TPU compiles (libtpu, Mosaic included) against abstract
+TPU topologies, and CUDA lowering of the GPU kernels, all from a CPU.
+
+    python -m jaxinfer.aot [--out report.json]
+
+compiles every kernel (and the serving step that uses them) for each topology in `TOPOLOGIES` and
+exports the GPU kernels for an abstract H200, printing memory and cost analyses as a table.
+Needs PyPI's `libtpu` (the `tpu` extra); run with JAX_PLATFORMS=cpu where no TPU is attached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+TOPOLOGIES = {"v5e": "TPU v5 lite:2x2", "v5p": "TPU v5:2x2x2", "v6e": "TPU v6 lite:2x2"}
+CUDA_TARGETS = ("__gpu$xla.gpu.triton",)  # Pallas GPU (Triton) custom calls
+
+
+def tpu_mesh(topology: str):
+    """A one-device mesh of abstract TPU devices (libtpu must be installed)."""
+    from jax.experimental import topologies
+
+    try:
+        desc = topologies.get_topology_desc(platform="tpu", topology_name=TOPOLOGIES.get(topology, topology))
+    except Exception as e:  # noqa: BLE001 - libtpu missing or unknown topology: say which and how to fix
+        raise RuntimeError(f"no abstract TPU topology '{topology}' ({e}); install the tpu extra: "
+                           "pip install -e '.[tpu]'") from e
+    return jax.sharding.Mesh(np.asarray(desc.devices[:1]), ("x",))
+
+
+def _on(mesh, tree):
+    rep = NamedSharding(mesh, PartitionSpec())
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), tree)
+
+
+def compile_tpu(fn, args, topology: str, static_kwargs=None) -> dict:
+    """jit(fn).lower(args).compile() for a TPU topology -> the memory and cost analyses."""
+    mesh = tpu_mesh(topology)
+    t0 = time.perf_counter()
+    compiled = jax.jit(fn, static_argnames=tuple(static_kwargs or ())).lower(*_on(mesh, args), **(static_kwargs or {})).compile()
+    seconds = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis() or {}
+    cost = cost[0] if isinstance(cost, list) else cost
+    return {"topology": TOPOLOGIES.get(topology, topology), "compile_s": round(seconds, 3),
+            "argument_bytes": mem.argument_size_in_bytes, "output_bytes": mem.output_size_in_bytes,
+            "temp_bytes": mem.temp_size_in_bytes, "generated_code_bytes": mem.generated_code_size_in_bytes,
+            "flops": cost.get("flops"), "bytes_accessed": cost.get("bytes accessed"),
+            "optimal_seconds": cost.get("optimal_seconds"), "hlo": compiled.as_text()}
+
+
+def export_cuda(fn, args, device_kind: str = "NVIDIA H200"):
+    """jax.export for CUDA with an abstract GPU of `device_kind` -> the Exported (its MLIR holds the
+    Triton kernels). Pallas GPU custom calls carry no compatibility guarantee, hence the disabled check."""
+    from jax._src.pallas.triton import pallas_call_registration  # noqa: F401  registers the GPU lowering
+
+    dev = jax.sharding.AbstractDevice(device_kind=device_kind, num_cores=None, platform="cuda")
+    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=dev)
+    checks = [jax.export.DisabledSafetyCheck.custom_call(t) for t in CUDA_TARGETS]
+    with jax.sharding.use_abstract_mesh(mesh):
+        return jax.export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=checks)(*args)
+
+
+def sds(shape, dtype):
+    return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype))
+
+
+# ---- the cases: every kernel, and the step -----------------------------------------------------------
+def attention_case(impl, *, rows=8, t=1, heads=32, kv_heads=8, head_dim=128, page_size=16, pages=1024, width=64,
+                   dtype="bfloat16", kv="float", sliding_window=None, soft_cap=None):
+    from jaxinfer.kernels.paged_attention import IMPLS
+
+    kv_dtype = "int8" if kv == "int8" else dtype
+    args = [sds((rows, t, heads, head_dim), dtype), sds((kv_heads, pages, page_size, head_dim), kv_dtype),
+            sds((kv_heads, pages, page_size, head_dim), kv_dtype), sds((rows, width), "int32"),
+            sds((rows,), "int32"), sds((rows, t), "int32")]
+    if kv == "int8":
+        args += [sds((kv_heads, pages, page_size), "float32")] * 2
+
+    def fn(q, k, v, table, lens, pos, ks=None, vs=None):
+        return IMPLS[impl](q, k, v, table, lens, pos, k_scales=ks, v_scales=vs, sliding_window=sliding_window,
+                           soft_cap=soft_cap)
+    return fn, args
+
+
+def matmul_case(impl, *, m=1, k=4096, n=4096, bits=8, group_size=0, dtype="bfloat16"):
+    from jaxinfer.kernels.quant_matmul import IMPLS, QuantArray
+
+    values = sds((k, n), "int8") if bits == 8 else sds((k // 2, n), "uint8")
+    scales = sds((1 if bits == 8 else k // group_size, n), "float32")
+
+    def fn(x, v, s):
+        return IMPLS[impl](x, QuantArray(v, s, bits, group_size))
+    return fn, [sds((m, k), dtype), values, scales]
+
+
+def step_case(model_cfg, attention_impl: str, *, num_decode_rows=8, prefill_rows=1, chunk=64, width=32,
+              pages=512, page_size=16, out_rows=16):
+    """The serving step (step.step) at one shape bucket, as (fn, abstract args)."""
+    from jaxinfer.models import abstract_params
+    from jaxinfer.step import FLOAT_FIELDS, INT_FIELDS, step
+
+    graphdef, params = abstract_params(model_cfg)
+    leaves, param_def = jax.tree.flatten(params)
+    m = model_cfg
+    n = num_decode_rows + prefill_rows * chunk
+    r = num_decode_rows + prefill_rows
+    num_ints = 4 * n + r * width + (len(INT_FIELDS) - 5) * r
+    cache_shape = (m.num_layers, m.num_kv_heads, pages, page_size, m.head_dim)
+    from jaxinfer.cache import PagedKVCache
+
+    cache = PagedKVCache(sds(cache_shape, leaves[0].dtype), sds(cache_shape, leaves[0].dtype))
+
+    def fn(leaves, cache, ints, floats, prev):
+        return step(graphdef, param_def, leaves, cache, ints, floats, prev, layout=(n, r, width),
+                    num_decode_rows=num_decode_rows, attention_impl=attention_impl)
+    args = [[sds(x.shape, x.dtype) for x in leaves], cache, sds((num_ints,), "int32"),
+            sds((len(FLOAT_FIELDS) * r,), "float32"), sds((out_rows,), "int32")]
+    return fn, args
+
+
+def tpu_cases(model_cfg):
+    """name -> (fn, args) for every TPU kernel variant and the step over the TPU attention kernel."""
+    cases = {
+        "paged_attention decode bf16": attention_case("tpu"),
+        "paged_attention prefill bf16 window+softcap": attention_case("tpu", rows=2, t=64, sliding_window=256,
+                                                                      soft_cap=50.0),
+        "paged_attention decode int8-kv": attention_case("tpu", kv="int8"),
+        "paged_attention decode f32": attention_case("tpu", dtype="float32"),
+        "quant_matmul int8 m=1": matmul_case("tpu"),
+        "quant_matmul int8 m=256": matmul_case("tpu", m=256),
+        "quant_matmul int4/g128 m=1": matmul_case("tpu", bits=4, group_size=128),
+        "quant_matmul int4/g32 m=64": matmul_case("tpu", m=64, bits=4, group_size=32),
+        "step (tpu attention)": step_case(model_cfg, "tpu"),
+    }
+    return cases
+
+
+def gpu_cases():
+    return {
+        "paged_attention decode bf16": attention_case("gpu"),
+        "paged_attention prefill bf16 window+softcap": attention_case("gpu", rows=2, t=64, sliding_window=256,
+                                                                      soft_cap=50.0),
+        "paged_attention decode int8-kv": attention_case("gpu", kv="int8"),
+        "quant_matmul int8 m=1": matmul_case("gpu"),
+        "quant_matmul int4/g128 m=1": matmul_case("gpu", bits=4, group_size=128),
+        "quant_matmul int4/g32 m=64": matmul_case("gpu", m=64, bits=4, group_size=32),
+    }
+
+
+def default_model_cfg():
+    """A Llama-3-8B-like layer shape at 2 layers: real head and page geometry, quick to compile."""
+    from jaxinfer.config import ModelConfig
+
+    return ModelConfig(name="llama3-8b-2l", vocab_size=128256, hidden_size=4096, num_layers=2, num_q_heads=32,
+                       num_kv_heads=8, head_dim=128, ffw_size=14336, dtype="bfloat16", scan_layers=True)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", help="write the report as JSON here")
+    ap.add_argument("--topologies", default=",".join(TOPOLOGIES))
+    args = ap.parse_args(argv)
+    report = {"jax": jax.__version__, "tpu": {}, "cuda": {}}
+    model_cfg = default_model_cfg()
+    print(f"{'target':<18} {'case':<46} {'compile s':>9} {'temp MiB':>9} {'GB moved':>9} {'est. us':>9}")
+    for topo in args.topologies.split(","):
+        for name, (fn, fargs) in tpu_cases(model_cfg).items():
+            r = compile_tpu(fn, fargs, topo)
+            r.pop("hlo")
+            report["tpu"].setdefault(topo, {})[name] = r
+            est = r["optimal_seconds"]
+            print(f"{r['topology']:<18} {name:<46} {r['compile_s']:>9.2f} {r['temp_bytes'] / 2**20:>9.1f} "
+                  f"{(r['bytes_accessed'] or 0) / 1e9:>9.3f} {(est or 0) * 1e6:>9.1f}")
+    for name, (fn, fargs) in gpu_cases().items():
+        t0 = time.perf_counter()
+        exp = export_cuda(fn, fargs)
+        text = exp.mlir_module()
+        report["cuda"][name] = {"export_s": round(time.perf_counter() - t0, 3),
+                                "triton_kernels": text.count("__gpu$xla.gpu.triton")}
+        print(f"{'cuda (H200)':<18} {name:<46} {report['cuda'][name]['export_s']:>9.2f}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,29 @@
+"""What the Pallas paged-attention kernels share: the query layout they work in.
+
+Each (row, kv head) program owns the G = N // K query heads of that kv head for all T query slots,
+as one [T * G, H] tile (row r = t * G + g), so a decode row with GQA still fills a matmul. The tile
+is padded to `multiple` rows; padding rows get position -1, see nothing and come out as zeros.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from einops import rearrange
+
+
+def group_queries(q, q_positions, num_kv_heads: int, multiple: int):
+    """q [B, T, N, H], q_positions [B, T] -> (q [B, K, R, H], positions [B, R], R) with R the padded T * G."""
+    b, t, n, _ = q.shape
+    g = n // num_kv_heads
+    qg = rearrange(q, "b t (k g) h -> b k (t g) h", k=num_kv_heads)
+    pos = jnp.repeat(q_positions, g, axis=1)  # [B, T * G], row t * G + g
+    rows = -(-(t * g) // multiple) * multiple
+    qg = jnp.pad(qg, ((0, 0), (0, 0), (0, rows - t * g), (0, 0)))
+    pos = jnp.pad(pos, ((0, 0), (0, rows - t * g)), constant_values=-1)
+    return qg, pos.astype(jnp.int32), rows
+
+
+def ungroup(out, t: int, n: int):
+    """[B, K, R, H] -> [B, T, N, H] (drops the padding rows)."""
+    k = out.shape[1]
+    return rearrange(out[:, :, : t * (n // k)], "b k (t g) h -> b t (k g) h", t=t)
