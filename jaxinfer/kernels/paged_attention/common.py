@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 from einops import rearrange
+from jax.experimental import pallas as pl
 
 
 def group_queries(q, q_positions, num_kv_heads: int, multiple: int):
@@ -21,6 +22,15 @@ def group_queries(q, q_positions, num_kv_heads: int, multiple: int):
     qg = jnp.pad(qg, ((0, 0), (0, 0), (0, rows - t * g), (0, 0)))
     pos = jnp.pad(pos, ((0, 0), (0, rows - t * g)), constant_values=-1)
     return qg, pos.astype(jnp.int32), rows
+
+
+def cost(qg, k_pages, width: int, quantized: bool):
+    """XLA's view of a kernel call (it cannot see inside): flops, exps and bytes for every page in the tables."""
+    b, k, rows, h = qg.shape
+    keys = b * k * width * k_pages.shape[2]
+    kv_bytes = 2 * keys * h * k_pages.dtype.itemsize + (2 * keys * 4 if quantized else 0)
+    return pl.CostEstimate(flops=4 * rows * keys * h, transcendentals=rows * keys,
+                           bytes_accessed=2 * qg.size * qg.dtype.itemsize + kv_bytes)
 
 
 def ungroup(out, t: int, n: int):

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from jaxinfer.kernels.paged_attention.common import group_queries, ungroup
+from jaxinfer.kernels.paged_attention.common import cost, group_queries, ungroup
 from jaxinfer.kernels.paged_attention.reference import MASKED
 
 ROWS = 16  # tensor-core dots need >= 16 rows
@@ -143,6 +143,7 @@ def paged_attention(q, k_pages, v_pages, block_table, kv_lens, q_positions, *, k
         out_shape=[part(rows, h), part(rows), part(rows)],
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
+        cost_estimate=cost(qg, k_pages, padded, quantized),
         name="paged_attention_gpu",
     )(*args)
     # Merge the splits: each holds an unnormalised sum under its own running max.

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from jaxinfer.kernels.paged_attention.common import group_queries, ungroup
+from jaxinfer.kernels.paged_attention.common import cost, group_queries, ungroup
 from jaxinfer.kernels.paged_attention.reference import MASKED
 
 ROWS = 8  # query tile rows are padded to the sublane count
@@ -130,6 +130,7 @@ def paged_attention(q, k_pages, v_pages, block_table, kv_lens, q_positions, *, k
         out_shape=jax.ShapeDtypeStruct(qg.shape, q.dtype),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
         interpret=interpret,
+        cost_estimate=cost(qg, k_pages, width, quantized),
         name="paged_attention_tpu",
     )(block_table.reshape(-1).astype(jnp.int32), kv_lens.astype(jnp.int32), *args)
     return ungroup(out, t, n)

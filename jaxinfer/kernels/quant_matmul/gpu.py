@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from jaxinfer.kernels.quant_matmul.reference import QuantArray
+from jaxinfer.kernels.quant_matmul.reference import QuantArray, cost
 
 
 def unsupported(x, q: QuantArray) -> str | None:
@@ -91,7 +91,7 @@ def quant_matmul(x, q: QuantArray, *, interpret=False, block_n: int = 0, num_war
             partial(_int8_kernel, bk=bk), grid=grid,
             in_specs=[pl.BlockSpec((bm, k), lambda i, j: (i, 0)), pl.BlockSpec((k, bn), lambda i, j: (0, j)),
                       pl.BlockSpec((None, bn), lambda i, j: (0, j))],
-            out_specs=out_spec, out_shape=out_shape, compiler_params=params, interpret=interpret,
+            out_specs=out_spec, out_shape=out_shape, compiler_params=params, interpret=interpret, cost_estimate=cost(x2, q),
             name="quant_matmul_int8_gpu")(x2, q.values, q.scales.astype(jnp.float32))
     else:
         groups = k // q.group_size
@@ -99,7 +99,7 @@ def quant_matmul(x, q: QuantArray, *, interpret=False, block_n: int = 0, num_war
             _int4_kernel, grid=grid,
             in_specs=[pl.BlockSpec((bm, k // 2), lambda i, j: (i, 0)), pl.BlockSpec((bm, k // 2), lambda i, j: (i, 0)),
                       pl.BlockSpec((k // 2, bn), lambda i, j: (0, j)), pl.BlockSpec((groups, bn), lambda i, j: (0, j))],
-            out_specs=out_spec, out_shape=out_shape, compiler_params=params, interpret=interpret,
+            out_specs=out_spec, out_shape=out_shape, compiler_params=params, interpret=interpret, cost_estimate=cost(x2, q),
             name="quant_matmul_int4_gpu",
         )(x2[:, 0::2], x2[:, 1::2], q.values, q.scales.astype(jnp.float32))
     return out[:m].reshape(*lead, n)

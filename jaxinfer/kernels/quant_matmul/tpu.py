@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from jaxinfer.kernels.quant_matmul.reference import QuantArray
+from jaxinfer.kernels.quant_matmul.reference import QuantArray, cost
 
 
 def unsupported(x, q: QuantArray) -> str | None:
@@ -99,7 +99,7 @@ def quant_matmul(x, q: QuantArray, *, interpret=False):
                       pl.BlockSpec((bk, bn), lambda i, j, kk: (kk, j)),
                       pl.BlockSpec((1, bn), lambda i, j, kk: (0, j))],
             out_specs=out_spec, out_shape=out_shape, scratch_shapes=scratch, compiler_params=params,
-            interpret=interpret, name="quant_matmul_int8_tpu")(x2, q.values, q.scales.astype(jnp.float32))
+            interpret=interpret, cost_estimate=cost(x2, q), name="quant_matmul_int8_tpu")(x2, q.values, q.scales.astype(jnp.float32))
     else:
         g = q.group_size
         groups, half = k // g, g // 2
@@ -112,7 +112,7 @@ def quant_matmul(x, q: QuantArray, *, interpret=False):
                       pl.BlockSpec((gb, half, bn), lambda i, j, kk: (kk, 0, j)),
                       pl.BlockSpec((gb, 1, bn), lambda i, j, kk: (kk, 0, j))],
             out_specs=out_spec, out_shape=out_shape, scratch_shapes=scratch, compiler_params=params,
-            interpret=interpret, name="quant_matmul_int4_tpu",
+            interpret=interpret, cost_estimate=cost(x2, q), name="quant_matmul_int4_tpu",
         )(split(x2[:, 0::2]), split(x2[:, 1::2]), q.values.reshape(groups, half, n),
           q.scales.astype(jnp.float32).reshape(groups, 1, n))
     return out[:m].reshape(*lead, n)
