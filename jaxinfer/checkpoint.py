@@ -184,9 +184,17 @@ def load_hf(folder: str | Path, dtype: str = "auto") -> Model:
     return Model(cfg, graphdef, abstract)
 
 
+def _float_only(model: Model) -> None:
+    if model.cfg.quant != "none":
+        raise CheckpointError(f"this model's weights are quantized (model.quant={model.cfg.quant}); save the float "
+                              "model: quantization is applied at load time from model.quant")
+
+
 def save_converted(model: Model, out_dir: str | Path, source: str | Path | None = None) -> Path:
     """Writes `jaxinfer.yaml` + orbax `params/` (+ the source folder's tokenizer/config files)."""
     import orbax.checkpoint as ocp
+
+    _float_only(model)
 
     out = Path(out_dir).absolute()
     out.mkdir(parents=True, exist_ok=True)
@@ -292,6 +300,12 @@ def build(cfg: RunConfig):
         stops = tok.eos_ids
     if tok.vocab_size > model.cfg.vocab_size:
         raise ValueError(f"tokenizer has {tok.vocab_size} tokens but the model only {model.cfg.vocab_size}")
+    m = cfg.model
+    if m.quant != "none":
+        from jaxinfer.models.quantize import quantize_model
+
+        model = quantize_model(model, m.quant, m.quant_group_size, m.matmul_impl)
+        label += f"; weights {m.quant} (matmul_impl {m.matmul_impl})"
     return model, tok, stops, label
 
 
@@ -338,6 +352,8 @@ def save_hf(model: Model, folder: str | Path, tokenizer=None, specials: tuple[st
     """Writes a Hugging Face folder (config.json, model.safetensors in `dtype`, generation_config.json
     and, given a `tokenizers.Tokenizer` with its (bos, eos, pad) texts, the tokenizer files)."""
     import ml_dtypes
+
+    _float_only(model)
     from safetensors.numpy import save_file
 
     store = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}[dtype]

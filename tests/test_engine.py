@@ -3,6 +3,7 @@ scheduling condition; seeded sampling independent of the batch; recycled pages n
 
 import functools
 
+import jax
 import numpy as np
 import pytest
 
@@ -210,3 +211,25 @@ def test_pallas_attention_kernels_give_the_reference_tokens(impl):
     got = engine(page_size=16, attention_impl=impl).generate(ps, sampling)
     assert [c.tokens for c in got] == [c.tokens for c in want]
     assert_equals_dense(got, ps, sampling)
+
+
+@functools.cache
+def quantized(quant, impl):
+    from jaxinfer.models.quantize import quantize_model
+
+    return quantize_model(model(), quant, 32, impl)
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_quantized_weights_on_pallas_matmuls_give_the_reference_tokens(quant):
+    """int8 / int4 weights: the engine on the Pallas quant_matmul kernels (interpreted), and on an
+    8-device mesh, gives the tokens of matmul_impl=reference on one device."""
+    ps, sampling = prompts([3, 17, 9]), SamplingConfig(max_new_tokens=6)
+    cfg = EngineConfig(**{**BASE.__dict__, "page_size": 16})
+    want = [c.tokens for c in Engine(quantized(quant, "reference"), None, cfg).generate(ps, sampling)]
+    for impl in ["tpu_interpret", "gpu_interpret"]:
+        assert [c.tokens for c in Engine(quantized(quant, impl), None, cfg).generate(ps, sampling)] == want, impl
+    sharded = EngineConfig(**{**cfg.__dict__, "mesh": (2, 4)})
+    assert [c.tokens for c in Engine(quantized(quant, "reference"), None, sharded).generate(ps, sampling)] == want
+    dtypes = {x.dtype.name for x in jax.tree.leaves(quantized(quant, "reference").params)}
+    assert {"int8" if quant == "int8" else "uint8", "float32"} == dtypes  # the matmuls really take quantized weights

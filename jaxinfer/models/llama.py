@@ -20,6 +20,7 @@ from flax import nnx
 
 from jaxinfer.cache import DenseKVCache
 from jaxinfer.config import ModelConfig
+from jaxinfer.kernels.quant_matmul import QuantArray, quant_matmul
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -139,9 +140,27 @@ class Transformer(nnx.Module):
         self.w_down = layer_param((F, D), ("ffw", "embed"))
         self.final_norm = param((D,), ("embed",), "ones")
         self.lm_head = None if cfg.tie_embeddings else param((D, V), ("embed", "vocab"))
+        for name in self.LINEAR:  # set by models.quantize.quantize_model
+            setattr(self, name + "_scale", None)
 
+    # Linear weights: (input axes, output axes) as logical names; quantization flattens each to 2-D.
+    LINEAR = {"wq": (("embed",), ("q_heads", "head_dim")), "wk": (("embed",), ("kv_heads", "head_dim")),
+              "wv": (("embed",), ("kv_heads", "head_dim")), "wo": (("q_heads", "head_dim"), ("embed",)),
+              "w_gate": (("embed",), ("ffw",)), "w_up": (("embed",), ("ffw",)), "w_down": (("ffw",), ("embed",))}
     LAYER_PARAMS = ("attn_norm", "wq", "wk", "wv", "wo", "bq", "bk", "bv", "bo", "q_norm", "k_norm",
-                    "mlp_norm", "w_gate", "w_up", "w_down")
+                    "mlp_norm", "w_gate", "w_up", "w_down", *(n + "_scale" for n in LINEAR))
+
+    def _linear(self, x, p, name, equation, out_shape):
+        """x @ p[name]: an einsum for float weights, kernels.quant_matmul for quantized ones (the
+        weight is then [inputs, outputs] flattened, and x's contracted axes are flattened to match)."""
+        if name + "_scale" not in p:
+            return jnp.einsum(equation, x, p[name])
+        cfg = self.cfg
+        q = QuantArray(p[name], p[name + "_scale"], 4 if cfg.quant == "int4" else 8,
+                       cfg.quant_group_size if cfg.quant == "int4" else 0)
+        lead = x.shape[:2]  # [B, T]
+        y = quant_matmul(x.reshape(*lead, -1), q, impl=cfg.matmul_impl)
+        return y.reshape(*lead, *out_shape)
 
     def _layer_params(self):
         """Stacked: {name: [L, ...]}. Unstacked: [{name: array}] per layer."""
@@ -154,23 +173,25 @@ class Transformer(nnx.Module):
         """One layer. p: this layer's params; attend(q, k, v) -> (cache, attention output)."""
         cfg = self.cfg
         h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
-        q = jnp.einsum("btd,dnh->btnh", h, p["wq"])
-        k = jnp.einsum("btd,dkh->btkh", h, p["wk"])
-        v = jnp.einsum("btd,dkh->btkh", h, p["wv"])
+        N, K, H, D = cfg.num_q_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
+        q = self._linear(h, p, "wq", "btd,dnh->btnh", (N, H))
+        k = self._linear(h, p, "wk", "btd,dkh->btkh", (K, H))
+        v = self._linear(h, p, "wv", "btd,dkh->btkh", (K, H))
         if "bq" in p:
             q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
         if "q_norm" in p:  # Qwen3: per-head RMSNorm before RoPE
             q, k = rms_norm(q, p["q_norm"], cfg.rms_norm_eps), rms_norm(k, p["k_norm"], cfg.rms_norm_eps)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         cache, a = attend(q, k, v)
-        a = jnp.einsum("btnh,nhd->btd", a, p["wo"])
+        a = self._linear(a, p, "wo", "btnh,nhd->btd", (D,))
         if "bo" in p:
             a = a + p["bo"]
         x = x + a
         h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
-        g = jnp.einsum("btd,df->btf", h, p["w_gate"])
-        u = jnp.einsum("btd,df->btf", h, p["w_up"])
-        return x + jnp.einsum("btf,fd->btd", jax.nn.silu(g) * u, p["w_down"]), cache
+        F = cfg.ffw_size
+        g = self._linear(h, p, "w_gate", "btd,df->btf", (F,))
+        u = self._linear(h, p, "w_up", "btd,df->btf", (F,))
+        return x + self._linear(jax.nn.silu(g) * u, p, "w_down", "btf,fd->btd", (D,)), cache
 
     def __call__(self, tokens, positions, cache=None, kv_len: int | None = None, attend=None):
         """tokens, positions: [B, T] int32 -> (final-normed hidden [B, T, D], cache).
