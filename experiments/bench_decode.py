@@ -24,6 +24,7 @@ import numpy as np
 from jaxinfer.config import SamplingConfig, load_config
 from jaxinfer.generate import Generator
 from jaxinfer.models import init_model
+from jaxinfer.models.quantize import quantize_model
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -62,6 +63,8 @@ def main(argv=None):
     cfg = load_config(args.config, args.overrides)
     t0 = time.perf_counter()
     model = init_model(cfg.model, cfg.seed)
+    if cfg.model.quant != "none":  # weight-only int8 / int4: the bound below uses the quantized bytes
+        model = quantize_model(model, cfg.model.quant, cfg.model.quant_group_size, cfg.model.matmul_impl)
     jax.block_until_ready(model.params)
     init_s = time.perf_counter() - t0
     gen = Generator(model, cfg.decode)
@@ -80,7 +83,7 @@ def main(argv=None):
     bound_steps = bw["read_bytes_per_s"] / weight_bytes
     bound_tps = bound_steps * args.batch
     result = {
-        "model": cfg.model.name, "dtype": cfg.model.dtype, "num_params": model.num_params,
+        "model": cfg.model.name, "dtype": cfg.model.dtype, "quant": cfg.model.quant, "num_params": model.num_params,
         "weight_bytes": weight_bytes, "batch": args.batch, "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens, "repeats": args.repeats, "init_s": init_s,
         "compile_s": first.timing.compile_s, "prefill_s_median": prefill_s,
@@ -89,7 +92,7 @@ def main(argv=None):
         "jax": jax.__version__, "device": str(jax.devices()[0].device_kind), "machine": platform.machine(),
         "num_cpus": jax.device_count(),
     }
-    print(f"model {result['model']}: {model.num_params / 1e6:.1f}M params, {cfg.model.dtype}, "
+    print(f"model {result['model']}: {model.num_params / 1e6:.1f}M params, {cfg.model.dtype}, quant {cfg.model.quant}, "
           f"weights {weight_bytes / 2**20:.0f} MiB; batch {args.batch}, prompt {args.prompt_len}, "
           f"new {args.new_tokens}, median of {args.repeats}")
     print(f"  compile (apart)          {first.timing.compile_s:8.2f} s")

@@ -222,3 +222,16 @@ def test_auto_falls_back_to_the_reference_and_logs_once(caplog, monkeypatch):
                      ">= 16, got 12); using the jnp reference"]
     args, _ = make_inputs(Case(kv_lens=(5,)))
     assert kernels.select("attention_impl", "auto", pa.UNSUPPORTED, args["q"], args["k_pages"], None) == ("gpu", {})
+
+
+def test_gpu_check_script_runs_end_to_end_interpreted(tmp_path):
+    """The prepared H200 script (experiments/gpu_kernels.py) at toy sizes through the interpreter:
+    its correctness checks pass and it writes its report, so a lent GPU's minutes go to timing."""
+    import json
+
+    from experiments import gpu_kernels
+
+    assert gpu_kernels.main(["--smoke", "--out", str(tmp_path / "r.json")]) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert len(report["attention"]) == 2 and len(report["matmul"]) == 2
+    assert all(r["err"] < 2e-2 for part in ("attention", "matmul") for r in report[part].values())
