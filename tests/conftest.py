@@ -31,6 +31,21 @@ def transformers_available() -> bool:
     return True
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_code():
+    """Drops every compiled executable after each test module. Each one keeps memory mappings of
+    its own (the Pallas interpreter alone makes thousands), and one process running the whole suite
+    otherwise reaches the kernel's vm.max_map_count (65530): mmap then fails inside XLA, seen as
+    MemoryError, 'Failed to materialize symbols' or a segfault."""
+    yield
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
+
+
 def pytest_collection_modifyitems(config, items):
     if transformers_available():
         return
