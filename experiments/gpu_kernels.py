@@ -133,7 +133,7 @@ def main(argv=None) -> int:
     mm = [(1, 256, 128, 8, 0), (1, 256, 128, 4, 128)] if smoke else \
         [(1, 8192, 8192, 8, 0), (1, 4096, 14336, 8, 0), (1, 8192, 8192, 4, 128), (16, 8192, 8192, 8, 0)]
     for m, k, n, bits, group in mm:
-        for tune in ([{}] if smoke else [{}, dict(block_n=64), dict(block_n=32, num_warps=2)]):
+        for tune in ([{}] if smoke else [{}, dict(block_n=128), dict(block_n=64), dict(block_n=32, num_warps=2)]):
             r = matmul_case(m, k, n, bits, group, smoke, **tune)
             name = f"matmul m={m} {k}x{n} int{bits}" + (f"/g{group}" if group else "") + " " + \
                    (",".join(f"{a}={b}" for a, b in tune.items()) or "default")

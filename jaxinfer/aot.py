@@ -26,13 +26,21 @@ CUDA_TARGETS = ("__gpu$xla.gpu.triton",)  # Pallas GPU (Triton) custom calls
 
 def tpu_mesh(topology: str):
     """A one-device mesh of abstract TPU devices (libtpu must be installed)."""
+    import importlib.util
+    import os
+
     from jax.experimental import topologies
 
+    if importlib.util.find_spec("libtpu") is None:
+        raise RuntimeError("libtpu is not installed, so there is no TPU compiler: pip install -e '.[tpu]'")
+    # Compiling only: no chip is opened, so libtpu's one-process-per-host lock does not apply
+    # (without this, a second process that loaded libtpu, e.g. jax with no JAX_PLATFORMS, blocks us).
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    name = TOPOLOGIES.get(topology, topology)
     try:
-        desc = topologies.get_topology_desc(platform="tpu", topology_name=TOPOLOGIES.get(topology, topology))
-    except Exception as e:  # noqa: BLE001 - libtpu missing or unknown topology: say which and how to fix
-        raise RuntimeError(f"no abstract TPU topology '{topology}' ({e}); install the tpu extra: "
-                           "pip install -e '.[tpu]'") from e
+        desc = topologies.get_topology_desc(platform="tpu", topology_name=name)
+    except Exception as e:  # noqa: BLE001 - say which topology failed and why
+        raise RuntimeError(f"no abstract TPU topology '{name}': {e}") from e
     return jax.sharding.Mesh(np.asarray(desc.devices[:1]), ("x",))
 
 

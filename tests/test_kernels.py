@@ -21,7 +21,8 @@ from jaxinfer.kernels import quant_matmul as qm
 from jaxinfer.kernels.paged_attention import gpu as pa_gpu, reference as pa_ref, tpu as pa_tpu
 from jaxinfer.kernels.quant_matmul import gpu as qm_gpu, tpu as qm_tpu
 
-STRICT_TPU = pltpu.InterpretParams(detect_races=True, uninitialized_memory="nan")
+# Two cores share the "parallel" grid axes in a random order, as on a megacore chip.
+STRICT_TPU = pltpu.InterpretParams(detect_races=True, uninitialized_memory="nan", num_cores_or_threads=2, random_seed=0)
 RUNNERS = {
     "tpu": lambda fn: lambda *a, **k: fn(*a, interpret=STRICT_TPU, **k),
     "gpu": lambda fn: lambda *a, **k: fn(*a, interpret=True, **k),
@@ -142,6 +143,15 @@ def test_gpu_kernel_splits_and_page_blocks_do_not_change_the_result():
     want = np.asarray(pa_ref.paged_attention(**args))
     for splits, ppb in [(1, 1), (3, 1), (2, 2), (7, 4)]:
         got = pa_gpu.paged_attention(**args, interpret=True, num_splits=splits, pages_per_block=ppb)
+        np.testing.assert_allclose(np.asarray(got)[pos >= 0], want[pos >= 0], atol=2e-5)
+
+
+def test_tpu_kernel_page_blocks_do_not_change_the_result():
+    """1, 2, 3 (not dividing the table) and 8 (wider than it) pages per step, double-buffered DMAs."""
+    args, pos = make_inputs(Case(kv_lens=(100, 31, 64), t=2, page_size=8))
+    want = np.asarray(pa_ref.paged_attention(**args))
+    for ppb in [1, 2, 3, 8, 16]:
+        got = pa_tpu.paged_attention(**args, interpret=STRICT_TPU, pages_per_block=ppb)
         np.testing.assert_allclose(np.asarray(got)[pos >= 0], want[pos >= 0], atol=2e-5)
 
 

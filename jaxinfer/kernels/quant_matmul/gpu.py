@@ -80,13 +80,16 @@ def quant_matmul(x, q: QuantArray, *, interpret=False, block_n: int = 0, num_war
     bm = min(64, max(16, 1 << (m - 1).bit_length()))
     mp = -(-m // bm) * bm
     x2 = jnp.pad(x2, ((0, mp - m), (0, 0)))
-    bn = block_n or _largest(n, (128, 64, 32, 16))
+    # Small M reads each weight once whatever the tiling: narrow N tiles give enough programs to
+    # keep ~132 SMs streaming (>= 256 programs where N allows).
+    bn = block_n or next((c for c in (128, 64, 32, 16) if n % c == 0 and (mp // bm) * (n // c) >= 256),
+                         _largest(n, (16, 32, 64, 128)))
     grid = (mp // bm, n // bn)
     params = pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     out_spec = pl.BlockSpec((bm, bn), lambda i, j: (i, j))
     out_shape = jax.ShapeDtypeStruct((mp, n), x.dtype)
     if q.bits == 8:
-        bk = _largest(k, (128, 64, 32, 16))
+        bk = _largest(k, tuple(c for c in (512, 256, 128, 64, 32, 16) if c * bn <= 16384 or c == 16))
         out = pl.pallas_call(
             partial(_int8_kernel, bk=bk), grid=grid,
             in_specs=[pl.BlockSpec((bm, k), lambda i, j: (i, 0)), pl.BlockSpec((k, bn), lambda i, j: (0, j)),
