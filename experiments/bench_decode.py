@@ -64,7 +64,8 @@ def main(argv=None):
     t0 = time.perf_counter()
     model = init_model(cfg.model, cfg.seed)
     if cfg.model.quant != "none":  # weight-only int8 / int4: the bound below uses the quantized bytes
-        model = quantize_model(model, cfg.model.quant, cfg.model.quant_group_size, cfg.model.matmul_impl)
+        model = quantize_model(model, cfg.model.quant, cfg.model.quant_group_size, cfg.model.matmul_impl,
+                               cfg.model.quant_asymmetric)
     jax.block_until_ready(model.params)
     init_s = time.perf_counter() - t0
     gen = Generator(model, cfg.decode)

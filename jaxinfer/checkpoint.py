@@ -304,7 +304,7 @@ def build(cfg: RunConfig):
     if m.quant != "none":
         from jaxinfer.models.quantize import quantize_model
 
-        model = quantize_model(model, m.quant, m.quant_group_size, m.matmul_impl)
+        model = quantize_model(model, m.quant, m.quant_group_size, m.matmul_impl, m.quant_asymmetric)
         label += f"; weights {m.quant} (matmul_impl {m.matmul_impl})"
     return model, tok, stops, label
 

@@ -62,6 +62,7 @@ class ModelConfig:
     # channel) | int4 (group-wise along the input, `quant_group_size` in 32, 64, 128).
     quant: str = "none"
     quant_group_size: int = 128
+    quant_asymmetric: bool = False  # int4 only: per-group offset (min) + scale, all 16 levels used
     matmul_impl: str = "auto"  # kernels.quant_matmul implementation for quantized weights
     init_std: float = 0.02  # random init only
 

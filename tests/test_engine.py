@@ -217,10 +217,10 @@ def test_pallas_attention_kernels_give_the_reference_tokens(impl):
 def quantized(quant, impl):
     from jaxinfer.models.quantize import quantize_model
 
-    return quantize_model(model(), quant, 32, impl)
+    return quantize_model(model(), quant.removesuffix("_asym"), 32, impl, asymmetric=quant.endswith("_asym"))
 
 
-@pytest.mark.parametrize("quant", ["int8", "int4"])
+@pytest.mark.parametrize("quant", ["int8", "int4", "int4_asym"])
 def test_quantized_weights_on_pallas_matmuls_give_the_reference_tokens(quant):
     """int8 / int4 weights: the engine on the Pallas quant_matmul kernels (interpreted), and on an
     8-device mesh, gives the tokens of matmul_impl=reference on one device."""

@@ -168,13 +168,15 @@ def test_int8_kv_pages_follow_the_float_pages_they_quantize():
 
 # ---- quantized matmul ---------------------------------------------------------------------------------
 MATMUL = [(8, 0, (1, 256, 128)), (8, 0, (5, 512, 384)), (4, 32, (1, 256, 128)), (4, 64, (7, 512, 256)),
-          (4, 128, (3, 256, 128)), (8, 0, (2, 3, 128, 64))]
-MATMUL_SLOW = [(8, 0, (300, 1024, 512)), (4, 32, (17, 2048, 256)), (4, 128, (64, 1024, 640))]
+          (4, 128, (3, 256, 128)), (8, 0, (2, 3, 128, 64)), ("4a", 32, (1, 256, 128)), ("4a", 128, (5, 512, 256))]
+MATMUL_SLOW = [(8, 0, (300, 1024, 512)), (4, 32, (17, 2048, 256)), (4, 128, (64, 1024, 640)), ("4a", 64, (33, 1024, 384))]
 
 
 def check_matmul(impl, bits, group, shape, dtype):
+    """bits "4a": asymmetric int4 (skewed weights, so the offsets matter)."""
     *lead, k, n = shape
-    q = qm.quantize(jax.random.normal(jax.random.key(0), (k, n)), bits, group)
+    w = jax.random.normal(jax.random.key(0), (k, n))
+    q = qm.quantize(w + 0.5, 4, group, asymmetric=True) if bits == "4a" else qm.quantize(w, bits, group)
     x = jax.random.normal(jax.random.key(1), (*lead, k)).astype(dtype)
     mod = {"tpu": qm_tpu, "gpu": qm_gpu}[impl]
     if mod.unsupported(x, q):

@@ -142,13 +142,15 @@ class Transformer(nnx.Module):
         self.lm_head = None if cfg.tie_embeddings else param((D, V), ("embed", "vocab"))
         for name in self.LINEAR:  # set by models.quantize.quantize_model
             setattr(self, name + "_scale", None)
+            setattr(self, name + "_offset", None)
 
     # Linear weights: (input axes, output axes) as logical names; quantization flattens each to 2-D.
     LINEAR = {"wq": (("embed",), ("q_heads", "head_dim")), "wk": (("embed",), ("kv_heads", "head_dim")),
               "wv": (("embed",), ("kv_heads", "head_dim")), "wo": (("q_heads", "head_dim"), ("embed",)),
               "w_gate": (("embed",), ("ffw",)), "w_up": (("embed",), ("ffw",)), "w_down": (("ffw",), ("embed",))}
     LAYER_PARAMS = ("attn_norm", "wq", "wk", "wv", "wo", "bq", "bk", "bv", "bo", "q_norm", "k_norm",
-                    "mlp_norm", "w_gate", "w_up", "w_down", *(n + "_scale" for n in LINEAR))
+                    "mlp_norm", "w_gate", "w_up", "w_down", *(n + "_scale" for n in LINEAR),
+                    *(n + "_offset" for n in LINEAR))
 
     def _linear(self, x, p, name, equation, out_shape):
         """x @ p[name]: an einsum for float weights, kernels.quant_matmul for quantized ones (the
@@ -157,7 +159,7 @@ class Transformer(nnx.Module):
             return jnp.einsum(equation, x, p[name])
         cfg = self.cfg
         q = QuantArray(p[name], p[name + "_scale"], 4 if cfg.quant == "int4" else 8,
-                       cfg.quant_group_size if cfg.quant == "int4" else 0)
+                       cfg.quant_group_size if cfg.quant == "int4" else 0, p.get(name + "_offset"))
         lead = x.shape[:2]  # [B, T]
         y = quant_matmul(x.reshape(*lead, -1), q, impl=cfg.matmul_impl)
         return y.reshape(*lead, *out_shape)

@@ -24,6 +24,9 @@ def check(cfg) -> None:
         return
     if cfg.quant not in BITS:
         raise ValueError(f"model.quant='{cfg.quant}' is not supported; use none, int8 or int4")
+    if cfg.quant_asymmetric and cfg.quant != "int4":
+        raise ValueError(f"model.quant_asymmetric is for int4 only (model.quant={cfg.quant}): int8 is symmetric "
+                         "per output channel")
     if cfg.quant == "int4":
         g = cfg.quant_group_size
         inputs = {"hidden_size": cfg.hidden_size, "num_q_heads * head_dim": cfg.num_q_heads * cfg.head_dim,
@@ -36,9 +39,11 @@ def check(cfg) -> None:
                                  "of the group size; pick a group size that divides it")
 
 
-def quantize_model(model: Model, quant: str, group_size: int = 128, matmul_impl: str = "auto") -> Model:
+def quantize_model(model: Model, quant: str, group_size: int = 128, matmul_impl: str = "auto",
+                   asymmetric: bool = False) -> Model:
     """The model with its linear weights quantized (a new Model; `model` is untouched)."""
-    cfg = dataclasses.replace(model.cfg, quant=quant, quant_group_size=group_size, matmul_impl=matmul_impl)
+    cfg = dataclasses.replace(model.cfg, quant=quant, quant_group_size=group_size, matmul_impl=matmul_impl,
+                              quant_asymmetric=asymmetric)
     check(cfg)
     if quant == "none":
         return Model(cfg, model.graphdef, model.params)
@@ -47,24 +52,23 @@ def quantize_model(model: Model, quant: str, group_size: int = 128, matmul_impl:
     module.cfg = cfg
     stacked = cfg.scan_layers
 
-    def one(w, n_in):  # one layer's weight -> (values, scales), flattened to [inputs, outputs]
-        q = quantize(w.reshape(math.prod(w.shape[:n_in]), -1), bits, group_size if grouped else 0)
-        return q.values, q.scales
+    def one(w, n_in):  # one layer's weight, flattened to [inputs, outputs] -> {suffix: array}
+        q = quantize(w.reshape(math.prod(w.shape[:n_in]), -1), bits, group_size if grouped else 0, asymmetric)
+        return {"": q.values, "_scale": q.scales, **({"_offset": q.offsets} if asymmetric else {})}
 
     for name, (ins, outs) in Transformer.LINEAR.items():
-        # A flattened axis (q_heads x head_dim) shards by its leading name.
-        names_v = ("layers",) * stacked + (ins[0], outs[0])
-        names_s = ("layers",) * stacked + (None, outs[0])
+        # A flattened axis (q_heads x head_dim) shards by its leading name; scales and offsets by outputs.
+        names = {"": ("layers",) * stacked + (ins[0], outs[0]), "_scale": ("layers",) * stacked + (None, outs[0])}
+        names["_offset"] = names["_scale"]
         old = getattr(module, name)
         if stacked:
-            values, scales = jax.vmap(lambda w: one(w, len(ins)))(old[...])
-            setattr(module, name, nnx.Param(values, out_sharding=names_v, eager_sharding=False))
-            setattr(module, name + "_scale", nnx.data(nnx.Param(scales, out_sharding=names_s, eager_sharding=False)))
+            parts = jax.vmap(lambda w: one(w, len(ins)))(old[...])
+            for suffix, value in parts.items():
+                setattr(module, name + suffix, nnx.data(nnx.Param(value, out_sharding=names[suffix], eager_sharding=False)))
         else:
-            pairs = [one(p[...], len(ins)) for p in old]
-            setattr(module, name, nnx.List([nnx.Param(v, out_sharding=names_v, eager_sharding=False) for v, _ in pairs]))
-            setattr(module, name + "_scale",
-                    nnx.data(nnx.List([nnx.Param(s, out_sharding=names_s, eager_sharding=False) for _, s in pairs])))
+            layers = [one(p[...], len(ins)) for p in old]
+            for suffix in layers[0]:
+                setattr(module, name + suffix, nnx.data(nnx.List(
+                    [nnx.Param(parts[suffix], out_sharding=names[suffix], eager_sharding=False) for parts in layers])))
     graphdef, params = nnx.split(module)
     return Model(cfg, graphdef, params)
-

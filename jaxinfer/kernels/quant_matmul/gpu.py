@@ -50,7 +50,9 @@ def _int8_kernel(x_ref, w_ref, s_ref, o_ref, *, bk):
     o_ref[...] = (acc * s_ref[...][None, :]).astype(o_ref.dtype)
 
 
-def _int4_kernel(xe_ref, xo_ref, w_ref, s_ref, o_ref):
+def _int4_kernel(xe_ref, xo_ref, w_ref, s_ref, *rest):
+    asymmetric = len(rest) == 2
+    off_ref, o_ref = rest if asymmetric else (None, *rest)
     bm, bn = o_ref.shape
     half = xe_ref.shape[1] // s_ref.shape[0]  # packed rows per group
 
@@ -59,10 +61,15 @@ def _int4_kernel(xe_ref, xo_ref, w_ref, s_ref, o_ref):
         xe, xo = xe_ref[:, cols], xo_ref[:, cols]
         w = w_ref[cols, :].astype(jnp.int32)
         lo, hi = w & 0xF, (w >> 4) & 0xF
-        lo, hi = lo - ((lo & 8) << 1), hi - ((hi & 8) << 1)
+        if not asymmetric:
+            lo, hi = lo - ((lo & 8) << 1), hi - ((hi & 8) << 1)
         part = (jnp.dot(xe, lo.astype(xe.dtype), preferred_element_type=jnp.float32)
                 + jnp.dot(xo, hi.astype(xo.dtype), preferred_element_type=jnp.float32))
-        return acc + part * s_ref[g, :][None, :]
+        part = part * s_ref[g, :][None, :]
+        if asymmetric:
+            row_sums = jnp.sum(xe.astype(jnp.float32), axis=1) + jnp.sum(xo.astype(jnp.float32), axis=1)
+            part = part + row_sums[:, None] * off_ref[g, :][None, :]
+        return acc + part
 
     acc = jax.lax.fori_loop(0, s_ref.shape[0], body, jnp.zeros((bm, bn), jnp.float32))
     o_ref[...] = acc.astype(o_ref.dtype)
@@ -98,11 +105,15 @@ def quant_matmul(x, q: QuantArray, *, interpret=False, block_n: int = 0, num_war
             name="quant_matmul_int8_gpu")(x2, q.values, q.scales.astype(jnp.float32))
     else:
         groups = k // q.group_size
+        per_group = pl.BlockSpec((groups, bn), lambda i, j: (0, j))
+        in_specs = [pl.BlockSpec((bm, k // 2), lambda i, j: (i, 0)), pl.BlockSpec((bm, k // 2), lambda i, j: (i, 0)),
+                    pl.BlockSpec((k // 2, bn), lambda i, j: (0, j)), per_group]
+        args = [x2[:, 0::2], x2[:, 1::2], q.values, q.scales.astype(jnp.float32)]
+        if q.offsets is not None:
+            in_specs.append(per_group)
+            args.append(q.offsets.astype(jnp.float32))
         out = pl.pallas_call(
-            _int4_kernel, grid=grid,
-            in_specs=[pl.BlockSpec((bm, k // 2), lambda i, j: (i, 0)), pl.BlockSpec((bm, k // 2), lambda i, j: (i, 0)),
-                      pl.BlockSpec((k // 2, bn), lambda i, j: (0, j)), pl.BlockSpec((groups, bn), lambda i, j: (0, j))],
-            out_specs=out_spec, out_shape=out_shape, compiler_params=params, interpret=interpret, cost_estimate=cost(x2, q),
-            name="quant_matmul_int4_gpu",
-        )(x2[:, 0::2], x2[:, 1::2], q.values, q.scales.astype(jnp.float32))
+            _int4_kernel, grid=grid, in_specs=in_specs, out_specs=out_spec, out_shape=out_shape,
+            compiler_params=params, interpret=interpret, cost_estimate=cost(x2, q), name="quant_matmul_int4_gpu",
+        )(*args)
     return out[:m].reshape(*lead, n)

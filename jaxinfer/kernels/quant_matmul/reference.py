@@ -1,9 +1,11 @@
 """Quantized weights and `x @ W` in plain jnp: the specification for the quant_matmul kernels.
 
-`QuantArray` holds W [K, N] as symmetric integers with float scales:
-- int8, per output channel: values int8 [K, N], scales [1, N];
+`QuantArray` holds W [K, N] as integers with float scales:
+- int8, per output channel, symmetric: values int8 [K, N], scales [1, N]; w = v * s;
 - int4, group-wise along K: two values per byte (even k in the low nibble, odd k in the high),
-  values uint8 [K // 2, N], scales [K // group_size, N].
+  values uint8 [K // 2, N], scales [K // group_size, N]. Symmetric: nibbles are signed (-8..7)
+  and w = v * s. Asymmetric (`offsets` [K // group_size, N], each group's minimum): nibbles are
+  unsigned (0..15) and w = v * s + offset, which spends all 16 levels on the group's range.
 The reference dequantizes, then dots with float32 accumulation.
 """
 
@@ -22,6 +24,7 @@ class QuantArray:
     scales: jax.Array  # float32 [1, N] | [K // group_size, N]
     bits: int = dataclasses.field(metadata=dict(static=True), default=8)
     group_size: int = dataclasses.field(metadata=dict(static=True), default=0)  # 0: per channel
+    offsets: jax.Array | None = None  # float32 [K // group_size, N]: asymmetric int4 only
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -29,9 +32,12 @@ class QuantArray:
         return k, self.values.shape[1]
 
 
-def quantize(w, bits: int = 8, group_size: int = 0) -> QuantArray:
-    """w [K, N] float -> QuantArray. int8: per output channel; int4: groups of `group_size` rows."""
+def quantize(w, bits: int = 8, group_size: int = 0, asymmetric: bool = False) -> QuantArray:
+    """w [K, N] float -> QuantArray. int8: per output channel; int4: groups of `group_size` rows,
+    symmetric or (`asymmetric`) with a per-group offset."""
     k, n = w.shape
+    if asymmetric and bits != 4:
+        raise ValueError(f"asymmetric quantization is int4 only (bits={bits})")
     if bits == 8:
         if group_size:
             raise ValueError(f"int8 weights are per output channel: group_size={group_size} must be 0")
@@ -42,8 +48,13 @@ def quantize(w, bits: int = 8, group_size: int = 0) -> QuantArray:
         group = group_size
     else:
         raise ValueError(f"bits={bits}: only 8 and 4 are supported")
-    qmax = 2 ** (bits - 1) - 1
     wg = w.astype(jnp.float32).reshape(k // group, group, n)
+    if asymmetric:
+        low, high = jnp.min(wg, axis=1), jnp.max(wg, axis=1)  # [K // group, N]
+        scales = jnp.where(high > low, (high - low) / 15, 1.0)
+        q = jnp.clip(jnp.round((wg - low[:, None]) / scales[:, None]), 0, 15).astype(jnp.uint8).reshape(k, n)
+        return QuantArray(q[0::2] | (q[1::2] << 4), scales, 4, group_size, low)
+    qmax = 2 ** (bits - 1) - 1
     scales = jnp.max(jnp.abs(wg), axis=1) / qmax  # [K // group, N]
     scales = jnp.where(scales == 0, 1.0, scales)
     q = jnp.clip(jnp.round(wg / scales[:, None]), -qmax - 1, qmax).astype(jnp.int8).reshape(k, n)
@@ -53,19 +64,23 @@ def quantize(w, bits: int = 8, group_size: int = 0) -> QuantArray:
     return QuantArray(nib[0::2] | (nib[1::2] << 4), scales, 4, group_size)
 
 
-def unpack_int4(packed):
-    """uint8 [K // 2, N] -> int8 [K, N] in [-8, 7] (sign-extended nibbles, interleaved back)."""
+def unpack_int4(packed, signed: bool = True):
+    """uint8 [K // 2, N] -> int8 [K, N]: nibbles interleaved back, sign-extended to [-8, 7] or
+    (`signed=False`) kept in [0, 15]."""
     lo = (packed & 0xF).astype(jnp.int8)
     hi = (packed >> 4).astype(jnp.int8)
-    lo, hi = jnp.where(lo > 7, lo - 16, lo), jnp.where(hi > 7, hi - 16, hi)
+    if signed:
+        lo, hi = jnp.where(lo > 7, lo - 16, lo), jnp.where(hi > 7, hi - 16, hi)
     return jnp.stack([lo, hi], axis=1).reshape(-1, packed.shape[1])
 
 
 def dequantize(q: QuantArray, dtype=jnp.float32):
     k, n = q.shape
-    ints = unpack_int4(q.values) if q.bits == 4 else q.values
+    ints = unpack_int4(q.values, signed=q.offsets is None) if q.bits == 4 else q.values
     group = q.group_size or k
     w = ints.astype(jnp.float32).reshape(k // group, group, n) * q.scales[:, None]
+    if q.offsets is not None:
+        w = w + q.offsets[:, None]
     return w.reshape(k, n).astype(dtype)
 
 
@@ -74,7 +89,7 @@ def cost(x2, q: QuantArray):
     from jax.experimental import pallas as pl
 
     (m, k), n = x2.shape, q.shape[1]
-    weight_bytes = q.values.size * q.values.dtype.itemsize + q.scales.size * 4
+    weight_bytes = q.values.size * q.values.dtype.itemsize + q.scales.size * 4 * (1 if q.offsets is None else 2)
     return pl.CostEstimate(flops=2 * m * k * n, transcendentals=0,
                            bytes_accessed=weight_bytes + (x2.size + m * n) * x2.dtype.itemsize)
 

@@ -49,24 +49,34 @@ def _int8_kernel(x_ref, w_ref, s_ref, o_ref, acc_ref):
         o_ref[...] = (acc_ref[...] * s_ref[...]).astype(o_ref.dtype)
 
 
-def _nibbles(packed):
-    """uint8 [...] -> (low, high) int32 in [-8, 7]."""
+def _nibbles(packed, signed):
+    """uint8 [...] -> (low, high) int32, in [-8, 7] if `signed`, else [0, 15]."""
     w = packed.astype(jnp.int32)
     lo, hi = w & 0xF, (w >> 4) & 0xF
+    if not signed:
+        return lo, hi
     return lo - ((lo & 8) << 1), hi - ((hi & 8) << 1)
 
 
-def _int4_kernel(xe_ref, xo_ref, w_ref, s_ref, o_ref, acc_ref):
+def _int4_kernel(xe_ref, xo_ref, w_ref, s_ref, *rest):
+    """out += sum_g s_g * (xe_g @ lo_g + xo_g @ hi_g) [+ offset_g * sum_k x_g (asymmetric)]."""
+    asymmetric = len(rest) == 3
+    off_ref, o_ref, acc_ref = rest if asymmetric else (None, *rest)
     @pl.when(pl.program_id(2) == 0)
     def _init():
         acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
     xe, xo = xe_ref[...], xo_ref[...]  # [gb, bm, g / 2]
-    lo, hi = _nibbles(w_ref[...])  # [gb, g / 2, bn]
+    lo, hi = _nibbles(w_ref[...], signed=not asymmetric)  # [gb, g / 2, bn]
     dims = (((2,), (1,)), ((0,), (0,)))  # contract k, batch over groups
     part = (jax.lax.dot_general(xe, lo.astype(xe.dtype), dims, preferred_element_type=jnp.float32)
             + jax.lax.dot_general(xo, hi.astype(xo.dtype), dims, preferred_element_type=jnp.float32))
-    acc_ref[...] += jnp.sum(part * s_ref[...], axis=0)  # [gb, bm, bn] * [gb, 1, bn]
+    part = part * s_ref[...]  # [gb, bm, bn] * [gb, 1, bn]
+    if asymmetric:
+        row_sums = (jnp.sum(xe.astype(jnp.float32), axis=2, keepdims=True)
+                    + jnp.sum(xo.astype(jnp.float32), axis=2, keepdims=True))  # [gb, bm, 1]
+        part = part + row_sums * off_ref[...]
+    acc_ref[...] += jnp.sum(part, axis=0)
 
     @pl.when(pl.program_id(2) == pl.num_programs(2) - 1)
     def _done():
@@ -105,14 +115,17 @@ def quant_matmul(x, q: QuantArray, *, interpret=False):
         groups, half = k // g, g // 2
         gb = _tile(groups, tuple(c for c in (16, 8, 4, 2, 1) if c * g <= 1024))
         split = lambda xs: xs.reshape(mp, groups, half).transpose(1, 0, 2)  # noqa: E731  [G, M, g/2]
+        per_group = pl.BlockSpec((gb, 1, bn), lambda i, j, kk: (kk, 0, j))
+        in_specs = [pl.BlockSpec((gb, bm, half), lambda i, j, kk: (kk, i, 0)),
+                    pl.BlockSpec((gb, bm, half), lambda i, j, kk: (kk, i, 0)),
+                    pl.BlockSpec((gb, half, bn), lambda i, j, kk: (kk, 0, j)), per_group]
+        args = [split(x2[:, 0::2]), split(x2[:, 1::2]), q.values.reshape(groups, half, n),
+                q.scales.astype(jnp.float32).reshape(groups, 1, n)]
+        if q.offsets is not None:
+            in_specs.append(per_group)
+            args.append(q.offsets.astype(jnp.float32).reshape(groups, 1, n))
         out = pl.pallas_call(
-            _int4_kernel, grid=(mp // bm, n // bn, groups // gb),
-            in_specs=[pl.BlockSpec((gb, bm, half), lambda i, j, kk: (kk, i, 0)),
-                      pl.BlockSpec((gb, bm, half), lambda i, j, kk: (kk, i, 0)),
-                      pl.BlockSpec((gb, half, bn), lambda i, j, kk: (kk, 0, j)),
-                      pl.BlockSpec((gb, 1, bn), lambda i, j, kk: (kk, 0, j))],
+            _int4_kernel, grid=(mp // bm, n // bn, groups // gb), in_specs=in_specs,
             out_specs=out_spec, out_shape=out_shape, scratch_shapes=scratch, compiler_params=params,
-            interpret=interpret, cost_estimate=cost(x2, q), name="quant_matmul_int4_tpu",
-        )(split(x2[:, 0::2]), split(x2[:, 1::2]), q.values.reshape(groups, half, n),
-          q.scales.astype(jnp.float32).reshape(groups, 1, n))
+            interpret=interpret, cost_estimate=cost(x2, q), name="quant_matmul_int4_tpu")(*args)
     return out[:m].reshape(*lead, n)
