@@ -305,7 +305,8 @@ def build(cfg: RunConfig):
         from jaxinfer.models.quantize import quantize_model
 
         model = quantize_model(model, m.quant, m.quant_group_size, m.matmul_impl, m.quant_asymmetric)
-        label += f"; weights {m.quant} (matmul_impl {m.matmul_impl})"
+        form = f"/g{m.quant_group_size}" + (" asymmetric" if m.quant_asymmetric else "") if m.quant == "int4" else ""
+        label += f"; weights {m.quant}{form} (matmul_impl {m.matmul_impl})"
     return model, tok, stops, label
 
 
