@@ -1,6 +1,7 @@
 """The engine against the dense generate() baseline: greedy tokens identical under every
 scheduling condition; seeded sampling independent of the batch; recycled pages never read."""
 
+import dataclasses
 import functools
 
 import jax
@@ -211,6 +212,15 @@ def test_pallas_attention_kernels_give_the_reference_tokens(impl):
     got = engine(page_size=16, attention_impl=impl).generate(ps, sampling)
     assert [c.tokens for c in got] == [c.tokens for c in want]
     assert_equals_dense(got, ps, sampling)
+
+
+def test_pallas_attention_with_a_sliding_window_gives_the_dense_tokens():
+    """A Mistral-style window (8 positions) shorter than the prompts, through the TPU kernel."""
+    windowed = init_model(dataclasses.replace(CFG, sliding_window=8), seed=1)
+    ps, sampling = prompts([3, 30, 19]), SamplingConfig(max_new_tokens=8)
+    want = Generator(windowed).generate(ps, sampling).tokens
+    cfg = EngineConfig(**{**BASE.__dict__, "page_size": 16, "attention_impl": "tpu_interpret"})
+    assert [c.tokens for c in Engine(windowed, None, cfg).generate(ps, sampling)] == want
 
 
 @functools.cache

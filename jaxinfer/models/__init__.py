@@ -6,6 +6,7 @@ import dataclasses
 from functools import partial
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from jaxinfer.config import ModelConfig
@@ -28,7 +29,8 @@ class Model:
 
     @property
     def num_params(self) -> int:
-        return sum(x.size for x in jax.tree.leaves(self.params))
+        """Weights counted as numbers: a packed int4 byte (uint8, models/quantize.py) holds two."""
+        return sum(x.size * (2 if x.dtype == jnp.uint8 else 1) for x in jax.tree.leaves(self.params))
 
     @property
     def param_bytes(self) -> int:
