@@ -69,7 +69,9 @@ def _kernel(lens_ref, q_ref, pos_ref, table_ref, k_ref, v_ref, *rest, page_size,
     def body(i, carry):
         acc, m, l = carry
         page0 = first + i * pages_per_block
-        pages = table_ref[pl.ds(page0, pages_per_block)]
+        # The block's tail may run past the row's pages: those entries are masked, but must still be
+        # in range (table padding is page 0; clip anything else rather than fault).
+        pages = jnp.clip(table_ref[pl.ds(page0, pages_per_block)], 0, k_ref.shape[0] - 1)
         k = k_ref[pages].reshape(block_k, h).astype(q.dtype)
         s = jnp.dot(q, k.T, preferred_element_type=jnp.float32)  # [R, block_k]
         if quantized:
