@@ -113,6 +113,7 @@ def matmul_case(impl, *, m=1, k=4096, n=4096, bits=8, group_size=0, dtype="bfloa
 def step_case(model_cfg, attention_impl: str, *, num_decode_rows=8, prefill_rows=1, chunk=64, width=32,
               pages=512, page_size=16, out_rows=16):
     """The serving step (step.step) at one shape bucket, as (fn, abstract args)."""
+    from jaxinfer.cache import PagedKVCache
     from jaxinfer.models import abstract_params
     from jaxinfer.step import FLOAT_FIELDS, INT_FIELDS, step
 
@@ -123,8 +124,6 @@ def step_case(model_cfg, attention_impl: str, *, num_decode_rows=8, prefill_rows
     r = num_decode_rows + prefill_rows
     num_ints = 4 * n + r * width + (len(INT_FIELDS) - 5) * r
     cache_shape = (m.num_layers, m.num_kv_heads, pages, page_size, m.head_dim)
-    from jaxinfer.cache import PagedKVCache
-
     cache = PagedKVCache(sds(cache_shape, leaves[0].dtype), sds(cache_shape, leaves[0].dtype))
 
     def fn(leaves, cache, ints, floats, prev):

@@ -24,6 +24,15 @@ def group_queries(q, q_positions, num_kv_heads: int, multiple: int):
     return qg, pos.astype(jnp.int32), rows
 
 
+def kv_format_problem(q, k_pages, k_scales) -> str | None:
+    """The KV page formats every kernel takes: float pages of q's dtype, or int8 pages with scales."""
+    if k_scales is None and k_pages.dtype != q.dtype:
+        return f"float KV pages must match the query dtype ({q.dtype}), got {k_pages.dtype}"
+    if k_scales is not None and k_pages.dtype != jnp.int8:
+        return f"KV scales go with int8 pages, got {k_pages.dtype}"
+    return None
+
+
 def cost(qg, k_pages, width: int, quantized: bool):
     """XLA's view of a kernel call (it cannot see inside): flops, exps and bytes for every page in the tables."""
     b, k, rows, h = qg.shape

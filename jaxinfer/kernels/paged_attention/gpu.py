@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from jaxinfer.kernels.paged_attention.common import cost, group_queries, ungroup
+from jaxinfer.kernels.paged_attention.common import cost, group_queries, kv_format_problem, ungroup
 from jaxinfer.kernels.paged_attention.reference import MASKED
 
 ROWS = 16  # tensor-core dots need >= 16 rows
@@ -43,11 +43,7 @@ def unsupported(q, k_pages, k_scales) -> str | None:
         return f"head_dim must be a power of two >= 16, got {h}"
     if not _pow2(c):
         return f"page_size must be a power of two >= 16, got {c}"
-    if k_scales is None and k_pages.dtype != q.dtype:
-        return f"float KV pages must match the query dtype ({q.dtype}), got {k_pages.dtype}"
-    if k_scales is not None and k_pages.dtype != jnp.int8:
-        return f"KV scales go with int8 pages, got {k_pages.dtype}"
-    return None
+    return kv_format_problem(q, k_pages, k_scales)
 
 
 def _kernel(lens_ref, q_ref, pos_ref, table_ref, k_ref, v_ref, *rest, page_size, pages_per_block, pages_per_split,

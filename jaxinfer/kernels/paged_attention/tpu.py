@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from jaxinfer.kernels.paged_attention.common import cost, group_queries, ungroup
+from jaxinfer.kernels.paged_attention.common import cost, group_queries, kv_format_problem, ungroup
 from jaxinfer.kernels.paged_attention.reference import MASKED
 
 ROWS = 8  # query tile rows are padded to the sublane count
@@ -37,11 +37,7 @@ def unsupported(q, k_pages, k_scales) -> str | None:
         return f"head_dim must be a multiple of 8, got {h}"
     if c % 8:
         return f"page_size must be a multiple of 8, got {c}"
-    if k_scales is None and k_pages.dtype != q.dtype:
-        return f"float KV pages must match the query dtype ({q.dtype}), got {k_pages.dtype}"
-    if k_scales is not None and k_pages.dtype != jnp.int8:
-        return f"KV scales go with int8 pages, got {k_pages.dtype}"
-    return None
+    return kv_format_problem(q, k_pages, k_scales)
 
 
 def _kernel(tables_ref, lens_ref, q_ref, pos_ref, k_hbm, v_hbm, *rest, page_size, width, pages_per_block,

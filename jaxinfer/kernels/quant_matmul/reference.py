@@ -94,9 +94,13 @@ def cost(x2, q: QuantArray):
                            bytes_accessed=weight_bytes + (x2.size + m * n) * x2.dtype.itemsize)
 
 
-def quant_matmul(x, q: QuantArray):
-    """x [..., K] (f32/bf16) @ W -> [..., N] in x's dtype, float32 accumulation."""
+def check_features(x, q: QuantArray) -> None:
     if x.shape[-1] != q.shape[0]:
         raise ValueError(f"x has {x.shape[-1]} features but the weight expects K={q.shape[0]}")
+
+
+def quant_matmul(x, q: QuantArray):
+    """x [..., K] (f32/bf16) @ W -> [..., N] in x's dtype, float32 accumulation."""
+    check_features(x, q)
     out = jnp.einsum("...k,kn->...n", x, dequantize(q, x.dtype), preferred_element_type=jnp.float32)
     return out.astype(x.dtype)

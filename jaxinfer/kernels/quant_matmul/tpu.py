@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from jaxinfer.kernels.quant_matmul.reference import QuantArray, cost
+from jaxinfer.kernels.quant_matmul.reference import QuantArray, check_features, cost
 
 
 def unsupported(x, q: QuantArray) -> str | None:
@@ -85,8 +85,7 @@ def _int4_kernel(xe_ref, xo_ref, w_ref, s_ref, *rest):
 
 def quant_matmul(x, q: QuantArray, *, interpret=False):
     """The reference's contract: x [..., K] @ W -> [..., N] in x's dtype, float32 accumulation."""
-    if x.shape[-1] != q.shape[0]:
-        raise ValueError(f"x has {x.shape[-1]} features but the weight expects K={q.shape[0]}")
+    check_features(x, q)
     if why := unsupported(x, q):
         raise ValueError(f"matmul_impl 'tpu': {why}")
     lead, (k, n) = x.shape[:-1], q.shape
