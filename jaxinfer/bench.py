@@ -27,8 +27,9 @@ def workload(b: BenchConfig, vocab_size: int) -> list[tuple[list[int], SamplingC
     prefix = rng.integers(0, vocab_size, b.shared_prefix_len).tolist()
     gaps = rng.exponential(1.0 / b.arrival_rate, b.num_requests) if b.arrival_rate > 0 else np.zeros(b.num_requests)
     arrivals = np.cumsum(gaps) - gaps[0]
-    return [(prefix + rng.integers(0, vocab_size, int(p)).tolist(), SamplingConfig(max_new_tokens=int(o)), float(a))
-            for p, o, a in zip(prompt_lens, output_lens, arrivals)]
+    return [(prefix + rng.integers(0, vocab_size, int(p)).tolist(),
+             SamplingConfig(max_new_tokens=int(o), seed=b.seed + i), float(a))
+            for i, (p, o, a) in enumerate(zip(prompt_lens, output_lens, arrivals))]
 
 
 def _progress(total: int, desc: str):
@@ -40,21 +41,24 @@ def _progress(total: int, desc: str):
 def run_continuous(engine: Engine, reqs, desc: str = "continuous"):
     t0 = engine.clock()
     order = sorted(range(len(reqs)), key=lambda i: reqs[i][2])
-    ids, nxt = {}, 0
+    running, done, nxt = {}, {}, 0  # request id -> workload index; workload index -> completion
     with _progress(len(reqs), desc) as bar:
         while nxt < len(order) or engine.has_work():
             now = engine.clock() - t0
             while nxt < len(order) and reqs[order[nxt]][2] <= now:
                 i = order[nxt]
-                ids[i] = engine.add_request(reqs[i][0], reqs[i][1], stop_ids=(), arrival=t0 + reqs[i][2])
+                running[engine.add_request(reqs[i][0], reqs[i][1], stop_ids=(), arrival=t0 + reqs[i][2])] = i
                 nxt += 1
             if engine.has_work():
-                before = sum(engine.scheduler.requests[r].finish_reason is not None for r in ids.values())
                 engine.step()
-                bar.update(sum(engine.scheduler.requests[r].finish_reason is not None for r in ids.values()) - before)
+                for rid in [r for r, req in engine.scheduler.requests.items() if r in running and req.finish_reason]:
+                    done[running.pop(rid)] = engine.completion(rid)
+                    bar.update(1)
             else:
                 time.sleep(max(0.0, reqs[order[nxt]][2] - (engine.clock() - t0)))
-    return [engine.completion(ids[i]) for i in range(len(reqs))]
+    for rid, i in running.items():  # finished at add (an error): never stepped
+        done[i] = engine.completion(rid)
+    return [done[i] for i in range(len(reqs))]
 
 
 def run_mode(mode: str, model, cfg: RunConfig, reqs):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import secrets
 import types
 import typing
 from dataclasses import dataclass, field
@@ -65,6 +66,9 @@ class ModelConfig:
     quant_asymmetric: bool = False  # int4 only: per-group offset (min) + scale, all 16 levels used
     matmul_impl: str = "auto"  # kernels.quant_matmul implementation for quantized weights
     init_std: float = 0.02  # random init only
+    # End-of-sequence ids of the checkpoint (generation_config.json, else config.json): every
+    # Engine and Generator over this model stops on them by default, with the tokenizer's EOS.
+    stop_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -76,9 +80,13 @@ class SamplingConfig:
     top_k: int = 0  # 0 disables
     top_p: float = 1.0  # 1 disables
     min_p: float = 0.0  # 0 disables
-    seed: int = 0
+    seed: int | None = None  # None: a fresh seed per request, recorded in its result; an int repeats a run
     logprobs: bool = False
-    stop: tuple[str, ...] = ()  # stop strings (engine only): the request ends when its text contains one
+    stop: tuple[str, ...] = ()  # stop strings: the request ends when its text contains one (needs a tokenizer)
+
+    def with_seed(self) -> "SamplingConfig":
+        """This config with a concrete seed: its own, or a fresh one (recorded in the result)."""
+        return self if self.seed is not None else dataclasses.replace(self, seed=secrets.randbits(32))
 
 
 @dataclass(frozen=True)
@@ -108,6 +116,11 @@ class EngineConfig:
     attention_impl: str = "auto"  # kernels.paged_attention implementation
     mesh: tuple[int, ...] = (1, 1)  # (data, model) device mesh; params and cache split over `model`
     debug_poison_freed_pages: bool = False  # NaN into freed pages: proves they are never read
+    # A long-lived engine forgets what it has handed out: a completion is released once read, at
+    # most this many finished-but-unread requests are kept (oldest dropped first), and
+    # Engine.records keeps the last max_step_records steps.
+    max_finished_requests: int = 1024
+    max_step_records: int = 100_000
 
 
 @dataclass(frozen=True)

@@ -3,11 +3,21 @@
 Each `step()` plans with the scheduler, uploads the plan in one `device_put`, dispatches the
 jitted step asynchronously and only then reads the *previous* step's tokens, so the device is
 never idle while the host does its bookkeeping (`engine.async_scheduling`; off = read at once).
+
+Threads and interrupts: one thread steps at a time (`step`, `generate`, `stream`,
+`run_until_done`; a concurrent second caller gets `EngineBusy`); `add_request`, `abort` and
+`completion` are safe from any thread. Host bookkeeping runs with SIGINT held, so Ctrl-C lands
+only where the state is whole: while waiting for the device, with the launched steps still queued
+to be read. An interrupted `generate`/`stream` aborts its own requests; the engine stays usable.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
+import signal
+import threading
 import time
 from collections.abc import Iterator
 
@@ -18,10 +28,32 @@ import numpy as np
 from jaxinfer import sharding
 from jaxinfer.cache import PagedKVCache
 from jaxinfer.config import EngineConfig, RunConfig, SamplingConfig
+from jaxinfer.generate import cut_at_stop_string
 from jaxinfer.models import Model, dtype_of
-from jaxinfer.sampling import validate
+from jaxinfer.sampling import check_token_ids, validate
 from jaxinfer.scheduler import Request, Scheduler, Status, StepPlan, bucket
 from jaxinfer.step import compile_step, pack, poison_pages
+
+
+class EngineBusy(RuntimeError):
+    """step() was called while another thread is stepping the same engine."""
+
+
+@contextlib.contextmanager
+def interrupts_held():
+    """Holds SIGINT for the block (main thread only; elsewhere Python delivers none) and
+    delivers it after, so an interrupt never lands halfway through the host's bookkeeping."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda sig, frame: caught.append(frame))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught and callable(previous):
+            previous(signal.SIGINT, caught[0])
 
 
 @dataclasses.dataclass
@@ -29,6 +61,7 @@ class Completion:
     """One request's result. Times are seconds on the engine's clock (time.perf_counter)."""
 
     request_id: str
+    seed: int  # the sampling seed it ran with: pass it back to repeat the request
     prompt_tokens: list[int]
     tokens: list[int]
     text: str | None
@@ -72,33 +105,35 @@ def num_pages_for(cfg: EngineConfig, model: Model, max_model_len: int) -> int:
 
 
 class Engine:
-    def __init__(self, model: Model, tokenizer=None, cfg: EngineConfig = EngineConfig(), stop_ids=(),
+    def __init__(self, model: Model, tokenizer=None, cfg: EngineConfig = EngineConfig(), stop_ids=None,
                  clock=time.perf_counter):
+        """stop_ids: default stop ids of every request; None = the model's own (its folder's
+        generation_config.json) and the tokenizer's EOS."""
         self.model, self.tokenizer, self.cfg, self.clock = model, tokenizer, cfg, clock
-        self.default_stop_ids = tuple(stop_ids) or (tuple(tokenizer.eos_ids) if tokenizer else ())
+        self.default_stop_ids = tuple(dict.fromkeys(
+            model.cfg.stop_ids + (tuple(tokenizer.eos_ids) if tokenizer else ()))) if stop_ids is None else tuple(stop_ids)
         self.max_model_len = min(cfg.max_model_len, model.cfg.max_position_embeddings)
         num_pages = num_pages_for(cfg, model, self.max_model_len)
         if num_pages <= 0:
             raise ValueError(f"engine.num_pages={num_pages}: the KV cache needs at least one page "
                              "(set engine.num_pages, or leave it unset for room for max_num_seqs full requests)")
-        m = model.cfg
-        self.cache = PagedKVCache.zeros(m.num_layers, m.num_kv_heads, num_pages, cfg.page_size, m.head_dim,
-                                        dtype_of(m.dtype))
+        self.num_pages = num_pages
         self.params, self.mesh, self._out_shardings, self._batch_sharding = model.params, None, None, None
         if tuple(cfg.mesh) != (1, 1):
             self.mesh = sharding.make_mesh(*cfg.mesh)
             self.params = jax.device_put(model.params, sharding.param_shardings(model.params, self.mesh))
-            cache_s = sharding.cache_sharding(self.cache, self.mesh)
-            self.cache = jax.device_put(self.cache, cache_s)
+            cache_s = sharding.cache_sharding(self._zero_cache(), self.mesh)
             self._batch_sharding = sharding.replicated(self.mesh)
             self._out_shardings = (cache_s, self._batch_sharding, self._batch_sharding)
         self.scheduler = Scheduler(cfg, num_pages, self.max_model_len, clock)
         self.num_out_rows = max(cfg.decode_row_buckets) + max(cfg.prefill_row_buckets)
-        self._prev = jax.device_put(jnp.zeros(self.num_out_rows, jnp.int32), self._batch_sharding)
+        self._init_device_state()
         self._param_leaves, self._param_def = jax.tree.flatten(self.params)
         self._steps: dict[int, object] = {}
-        self._inflight: tuple[StepPlan, jax.Array, jax.Array] | None = None
-        self.records: list[StepRecord] = []
+        self._inflight: collections.deque[tuple[StepPlan, jax.Array, jax.Array]] = collections.deque()
+        self.records: collections.deque[StepRecord] = collections.deque(maxlen=cfg.max_step_records)
+        self._lock = threading.RLock()  # the scheduler's state: any thread
+        self._stepping = threading.Lock()  # one stepping thread at a time
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> "Engine":
@@ -108,20 +143,37 @@ class Engine:
         return cls(model, tok, cfg.engine, stops)
 
     # ---- requests -------------------------------------------------------------------------------
+    def _prepare(self, prompt: str | list[int], sampling: SamplingConfig, stop_ids, what: str = "prompt"):
+        """(token ids, sampling with its seed, stop ids), or ValueError: nothing is queued."""
+        validate(sampling)
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(f"{what} is text but this engine has no tokenizer: pass token ids, or "
+                                 "Engine(model, tokenizer)")
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = check_token_ids(prompt, self.model.cfg.vocab_size, what)
+        if sampling.stop and self.tokenizer is None:
+            raise ValueError(f"sampling.stop={list(sampling.stop)}: stop strings need a tokenizer to read the "
+                             "text; use stop ids, or Engine(model, tokenizer)")
+        stops = self.default_stop_ids if stop_ids is None else tuple(int(i) for i in stop_ids)
+        return ids, sampling, stops
+
     def add_request(self, prompt: str | list[int], sampling: SamplingConfig = SamplingConfig(),
                     request_id: str | None = None, stop_ids=None, arrival: float | None = None) -> str:
-        """Queues a request (text needs a tokenizer); returns its id. Bad sampling raises; a request
-        that can never fit (context, cache) is finished at once with `error` set."""
-        validate(sampling)
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        stops = self.default_stop_ids if stop_ids is None else tuple(stop_ids)
-        return self.scheduler.add(ids, sampling, stops, request_id, arrival).id
+        """Queues a request (text needs a tokenizer); returns its id. Bad input raises and queues
+        nothing; a request that can never fit (context, cache) is finished at once with `error` set."""
+        ids, sampling, stops = self._prepare(prompt, sampling, stop_ids)
+        with self._lock:
+            return self.scheduler.add(ids, sampling, stops, request_id, arrival).id
 
     def abort(self, request_id: str) -> None:
-        self.scheduler.abort(request_id)
+        """Ends a request (finish reason `abort`) and frees its pages; unknown ids raise UnknownRequest."""
+        with self._lock:
+            self.scheduler.abort(request_id)
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work() or self._inflight is not None
+        return self.scheduler.has_work() or bool(self._inflight)
 
     # ---- the loop -------------------------------------------------------------------------------
     def _step_fn(self, num_decode_rows: int):
@@ -143,14 +195,49 @@ class Engine:
         self._prev = tokens
         return plan, tokens, logprobs
 
-    def _collect(self, inflight) -> tuple[list[Request], float]:
-        plan, tokens, logprobs = inflight
+    def _launch(self, plan: StepPlan) -> None:
+        try:
+            self._inflight.append(self._dispatch(plan))
+        except BaseException:
+            self.scheduler.requeue(plan)  # the step never ran: its requests recompute
+            if self.cache.k.is_deleted():  # donated to a call that failed
+                self._reset_device_state()
+            raise
+
+    def _collect(self) -> tuple[list[Request], float]:
+        """Reads the oldest launched step and hands its tokens to the scheduler. The wait is the
+        one place an interrupt lands: the step stays queued and the next call reads it."""
+        plan, tokens, logprobs = self._inflight[0]
         t0 = self.clock()
-        tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)
+        try:
+            tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)
+        except Exception:  # the device step failed: its outputs, the cache included, are lost
+            with self._lock, interrupts_held():
+                self._reset_device_state()
+            raise
         wait = self.clock() - t0
-        touched = self.scheduler.update(plan, tokens, logprobs)
-        self._check_stop_strings(touched)
+        with self._lock, interrupts_held():
+            self._inflight.popleft()
+            touched = self.scheduler.update(plan, tokens, logprobs)
+            self._check_stop_strings(touched)
         return touched, wait
+
+    def _zero_cache(self) -> PagedKVCache:
+        m = self.model.cfg
+        return PagedKVCache.zeros(m.num_layers, m.num_kv_heads, self.num_pages, self.cfg.page_size, m.head_dim,
+                                  dtype_of(m.dtype))
+
+    def _init_device_state(self) -> None:
+        """The KV cache and the previous-step token buffer, zeroed (and laid out on the mesh)."""
+        cache = self._zero_cache()
+        self.cache = cache if self.mesh is None else jax.device_put(cache, self._out_shardings[0])
+        self._prev = jax.device_put(jnp.zeros(self.num_out_rows, jnp.int32), self._batch_sharding)
+
+    def _reset_device_state(self) -> None:
+        """After a lost step (its cache with it): every unfinished request recomputes from a fresh cache."""
+        self._inflight.clear()
+        self.scheduler.reset()
+        self._init_device_state()
 
     def _check_stop_strings(self, touched: list[Request]) -> None:
         for req in touched:
@@ -161,55 +248,97 @@ class Engine:
 
     def step(self) -> list[Request]:
         """One iteration: plan and dispatch a step, then read the previous one. Returns the
-        requests that received a token."""
-        start = self.clock()
-        plan = self.scheduler.schedule()
-        launched = self._dispatch(plan) if plan is not None else None
-        touched, wait = [], 0.0
-        if self.cfg.async_scheduling:
-            if self._inflight is not None:
-                touched, wait = self._collect(self._inflight)
-            self._inflight = launched
-        elif launched is not None:
-            touched, wait = self._collect(launched)
-        if plan is not None:
-            alloc = self.scheduler.alloc
-            live = sum(r.num_computed for r in self.scheduler.running)
-            self.records.append(StepRecord(start, self.clock(), wait, plan.num_tokens, len(plan.rows),
-                                           int((alloc.refcount > 0).sum()), live))
-        return touched
+        requests that received a token. Raises EngineBusy if another thread is stepping."""
+        if not self._stepping.acquire(blocking=False):
+            raise EngineBusy("Engine.step() is already running in another thread: one thread steps an engine "
+                             "(add_request/abort/completion are safe from any thread)")
+        try:
+            start = self.clock()
+            with self._lock, interrupts_held():
+                plan = self.scheduler.schedule()
+                if plan is not None:
+                    self._launch(plan)
+            touched, wait = [], 0.0
+            keep = 1 if self.cfg.async_scheduling and plan is not None else 0
+            while len(self._inflight) > keep:
+                got, waited = self._collect()
+                touched, wait = touched + got, wait + waited
+            if plan is not None:
+                with self._lock:
+                    alloc = self.scheduler.alloc
+                    live = sum(r.num_computed for r in self.scheduler.running)
+                    self.records.append(StepRecord(start, self.clock(), wait, plan.num_tokens, len(plan.rows),
+                                                   int((alloc.refcount > 0).sum()), live))
+            return touched
+        finally:
+            self._stepping.release()
 
     def run_until_done(self) -> None:
         while self.has_work():
             self.step()
 
+    def _finished(self, request_id: str) -> bool:
+        with self._lock:
+            return self.scheduler.get(request_id).status == Status.FINISHED
+
+    @contextlib.contextmanager
+    def _owning(self, ids: list[str]):
+        """Aborts (and releases) these requests if the caller leaves early: an exception, Ctrl-C,
+        or a stream closed before its end. Nothing of theirs runs unseen in a later call."""
+        try:
+            yield
+        except BaseException:
+            with self._lock:
+                for rid in ids:
+                    if rid in self.scheduler.requests:
+                        self.scheduler.abort(rid)
+                        self.scheduler.release(rid)
+            raise
+
     # ---- offline API ----------------------------------------------------------------------------
+    def _enqueue_all(self, prompts, sampling, stop_ids) -> list[str]:
+        """Checks every prompt first, then queues them all: a bad one queues none."""
+        configs = sampling if isinstance(sampling, (list, tuple)) else [sampling] * len(prompts)
+        if len(configs) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(configs)} sampling configs: pass one config, "
+                             "or one per prompt")
+        ready = [self._prepare(p, s, stop_ids, f"prompt {i}") for i, (p, s) in enumerate(zip(prompts, configs))]
+        with self._lock:
+            return [self.scheduler.add(ids, s, stops).id for ids, s, stops in ready]
+
     def generate(self, prompts: list[str | list[int]], sampling: SamplingConfig | list[SamplingConfig] = SamplingConfig(),
                  stop_ids=None) -> list[Completion]:
-        """Runs every prompt to completion; results in prompt order."""
-        configs = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
-        ids = [self.add_request(p, s, stop_ids=stop_ids) for p, s in zip(prompts, configs)]
-        self.run_until_done()
+        """Runs every prompt to completion; results in prompt order (and released)."""
+        ids = self._enqueue_all(prompts, sampling, stop_ids)
+        with self._owning(ids):
+            while not all(self._finished(i) for i in ids):
+                self.step()
         return [self.completion(i) for i in ids]
 
-    def stream(self, prompts: list[str | list[int]], sampling: SamplingConfig = SamplingConfig(),
+    def stream(self, prompts: list[str | list[int]], sampling: SamplingConfig | list[SamplingConfig] = SamplingConfig(),
                stop_ids=None) -> Iterator[tuple[str, int]]:
-        """Yields (request id, token) as tokens arrive."""
-        ids = {self.add_request(p, sampling, stop_ids=stop_ids) for p in prompts}
-        seen = {i: 0 for i in ids}
-        while self.has_work():
-            for req in self.step():
-                if req.id in ids:
-                    for tok in req.output[seen[req.id]:]:
-                        yield req.id, tok
-                    seen[req.id] = len(req.output)
+        """Yields (request id, token) as tokens arrive. The requests are released when the
+        stream ends, and aborted if it is closed early."""
+        ids = self._enqueue_all(prompts, sampling, stop_ids)
+        seen = dict.fromkeys(ids, 0)
+        with self._owning(ids):
+            while seen:
+                for req in self.step():
+                    if req.id in seen:
+                        yield from ((req.id, tok) for tok in req.output[seen[req.id]:])
+                        seen[req.id] = len(req.output)
+                for rid in [r for r in seen if self._finished(r)]:
+                    del seen[rid]
+                    self.completion(rid)
 
-    def completion(self, request_id: str) -> Completion:
-        r = self.scheduler.requests[request_id]
-        text = self.tokenizer.decode(r.output) if self.tokenizer is not None else None
-        if text is not None and r.finish_reason == "stop":
-            cut = [text.index(s) for s in r.sampling.stop if s in text]
-            text = text[: min(cut)] if cut else text
-        return Completion(r.id, r.prompt, list(r.output), text, r.finish_reason,
+    def completion(self, request_id: str, release: bool = True) -> Completion:
+        """A finished request's result; `release` (default) forgets it, so ask once."""
+        with self._lock:
+            r = self.scheduler.get(request_id)
+            if release and r.status == Status.FINISHED:
+                self.scheduler.release(request_id)
+        text = None if self.tokenizer is None else cut_at_stop_string(r.output, r.sampling.stop,
+                                                                         self.tokenizer.decode)[1]
+        return Completion(r.id, r.sampling.seed, r.prompt, list(r.output), text, r.finish_reason,
                           list(r.logprobs) if r.sampling.logprobs else None, r.error, r.arrival,
                           r.scheduled_time, list(r.token_times), r.num_cached_tokens, r.num_preemptions)

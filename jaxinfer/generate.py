@@ -21,7 +21,7 @@ from flax import nnx
 from jaxinfer.cache import DenseKVCache
 from jaxinfer.config import DecodeConfig, SamplingConfig
 from jaxinfer.models import Model, dtype_of
-from jaxinfer.sampling import SamplingParams, sample, validate
+from jaxinfer.sampling import SamplingParams, check_token_ids, sample, validate
 from jaxinfer.scheduler import bucket
 
 TRACES: collections.Counter = collections.Counter()  # python traces per function (tests count them)
@@ -47,9 +47,11 @@ class Timing:
 @dataclasses.dataclass
 class GenerationResult:
     tokens: list[list[int]]  # per prompt, the new tokens (a stop token included, as in HF)
-    finish_reasons: list[str]  # "stop" (a stop id) or "length" (max_new_tokens)
+    finish_reasons: list[str]  # "stop" (a stop id or string) or "length" (max_new_tokens)
     logprobs: list[list[float]] | None
     timing: Timing
+    seeds: list[int] = dataclasses.field(default_factory=list)  # per prompt: pass back to repeat it
+    texts: list[str] | None = None  # with a tokenizer: the decoded new tokens, cut before a stop string
 
 
 def _prefill(graphdef, params, tokens, lengths, sampling, *, cache_len):
@@ -131,13 +133,22 @@ class Generator:
         return _COMPILED[key], time.perf_counter() - t0
 
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig | list[SamplingConfig] = SamplingConfig(),
-                 stop_ids: tuple[int, ...] = ()) -> GenerationResult:
-        """Generates for each prompt (lists of token ids); each row as if it ran alone."""
-        configs = [validate(s) for s in (sampling if isinstance(sampling, list) else [sampling] * len(prompts))]
+                 stop_ids: tuple[int, ...] | None = None, tokenizer=None) -> GenerationResult:
+        """Generates for each prompt (lists of token ids); each row as if it ran alone.
+
+        stop_ids: None = the model's own (its folder's generation_config.json). `tokenizer` (needed
+        for `sampling.stop` strings) also fills `texts`; a row stops at the first stop string."""
+        configs = [validate(s).with_seed() for s in (sampling if isinstance(sampling, (list, tuple))
+                                                     else [sampling] * len(prompts))]
         if not prompts or len(configs) != len(prompts):
             raise ValueError(f"need one sampling config per prompt and at least one prompt; got "
                              f"{len(prompts)} prompts and {len(configs)} configs")
+        if tokenizer is None and any(s.stop for s in configs):
+            raise ValueError(f"sampling.stop={list(next(s.stop for s in configs if s.stop))}: stop strings need "
+                             "the text: pass tokenizer= to generate()")
+        stop_ids = self.model.cfg.stop_ids if stop_ids is None else tuple(stop_ids)
         context = self.model.cfg.max_position_embeddings
+        prompts = [check_token_ids(p, self.model.cfg.vocab_size, f"prompt {i}") for i, p in enumerate(prompts)]
         for i, (p, s) in enumerate(zip(prompts, configs)):
             if len(p) == 0:
                 raise ValueError(f"prompt {i} is empty: give at least one token (e.g. BOS)")
@@ -166,24 +177,42 @@ class Generator:
         out, lps = decode(self.model.params, cache, first, first_lp, lengths, max_new, stops, params)
         out, lps = np.asarray(out), np.asarray(lps)
         t2 = time.perf_counter()
-        return self._result(out, lps, len(prompts), configs, stop_ids,
+        return self._result(out, lps, len(prompts), configs, stop_ids, tokenizer,
                             Timing(compile_s, t1 - t0, t2 - t1, int(sum(map(len, prompts)))))
 
     @staticmethod
-    def _result(out, lps, n, configs, stop_ids, timing) -> GenerationResult:
-        tokens, reasons, logprobs = [], [], []
+    def _result(out, lps, n, configs, stop_ids, tokenizer, timing) -> GenerationResult:
+        tokens, reasons, logprobs, texts = [], [], [], []
         for i in range(n):
             row = out[i][out[i] != PAD][: configs[i].max_new_tokens].tolist()
+            reason = "stop" if row and row[-1] in stop_ids else "length"
+            if tokenizer is not None:
+                row, text, hit = cut_at_stop_string(row, configs[i].stop, tokenizer.decode)
+                reason = "stop" if hit else reason
+                texts.append(text)
             tokens.append(row)
             logprobs.append(lps[i, : len(row)].tolist())
-            reasons.append("stop" if row and row[-1] in stop_ids else "length")
+            reasons.append(reason)
         timing.num_new_tokens = sum(map(len, tokens))
         timing.num_decoded = timing.num_new_tokens - n
         want_lp = any(c.logprobs for c in configs)
-        return GenerationResult(tokens, reasons, logprobs if want_lp else None, timing)
+        return GenerationResult(tokens, reasons, logprobs if want_lp else None, timing,
+                                [c.seed for c in configs], texts if tokenizer is not None else None)
+
+
+def cut_at_stop_string(tokens: list[int], stops, decode) -> tuple[list[int], str, bool]:
+    """(tokens up to the one that completes the first stop string, their text cut before it, hit).
+    The engine stops a request at that same token, so both paths return the same tokens."""
+    text = decode(tokens)
+    if not any(s in text for s in stops):
+        return tokens, text, False
+    n = next(k for k in range(1, len(tokens) + 1) if any(s in decode(tokens[:k]) for s in stops))
+    text = decode(tokens[:n])
+    return tokens[:n], text[: min(text.index(s) for s in stops if s in text)], True
 
 
 def generate(model: Model, prompts: list[list[int]], sampling: SamplingConfig | list[SamplingConfig] = SamplingConfig(),
-             stop_ids: tuple[int, ...] = (), decode: DecodeConfig = DecodeConfig()) -> GenerationResult:
+             stop_ids: tuple[int, ...] | None = None, decode: DecodeConfig = DecodeConfig(),
+             tokenizer=None) -> GenerationResult:
     """One-shot convenience over `Generator` (which keeps compiled buckets across calls)."""
-    return Generator(model, decode).generate(prompts, sampling, stop_ids)
+    return Generator(model, decode).generate(prompts, sampling, stop_ids, tokenizer)

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer.config import SamplingConfig
+from jaxinfer.scheduler import PAD_ROW
 
 
 def validate(s: SamplingConfig) -> SamplingConfig:
@@ -33,9 +34,23 @@ def validate(s: SamplingConfig) -> SamplingConfig:
         bad("top_p", "must be in (0, 1] (1 disables top-p)")
     if not math.isfinite(s.min_p) or not 0 <= s.min_p <= 1:
         bad("min_p", "must be in [0, 1] (0 disables min-p)")
-    if not 0 <= s.seed < 2**32:
-        bad("seed", "must be in [0, 2**32)")
+    if s.seed is not None and not 0 <= s.seed < 2**32:
+        bad("seed", "must be in [0, 2**32), or None for a fresh seed per request")
+    if isinstance(s.stop, str) or not all(isinstance(x, str) for x in s.stop):
+        bad("stop", "must be a list of strings")
+    if any(x == "" for x in s.stop):
+        bad("stop", "an empty stop string would end every request after its first token; remove it")
     return s
+
+
+def check_token_ids(ids, vocab_size: int, what: str = "prompt") -> list[int]:
+    """The ids as ints, or ValueError naming the first id outside [0, vocab_size) and its position."""
+    ids = [int(i) for i in ids]
+    for pos, i in enumerate(ids):
+        if not 0 <= i < vocab_size:
+            raise ValueError(f"{what}: token id {i} at position {pos} is outside the vocabulary [0, {vocab_size}); "
+                             "ids must come from this model's tokenizer")
+    return ids
 
 
 @jax.tree_util.register_dataclass
@@ -51,8 +66,8 @@ class SamplingParams:
 
     @classmethod
     def from_configs(cls, configs: list[SamplingConfig], num_rows: int) -> "SamplingParams":
-        """Host arrays for `configs`, padded with greedy rows up to `num_rows`."""
-        pad = [SamplingConfig()] * (num_rows - len(configs))
+        """Host arrays for `configs` (seeds resolved), padded with greedy rows up to `num_rows`."""
+        pad = [PAD_ROW] * (num_rows - len(configs))
         rows = list(configs) + pad
         return cls(
             temperature=np.array([c.temperature for c in rows], np.float32),

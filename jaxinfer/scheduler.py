@@ -19,6 +19,21 @@ import numpy as np
 
 from jaxinfer.config import EngineConfig, SamplingConfig
 
+PAD_ROW = SamplingConfig(seed=0)  # what padding rows sample with (greedy; their tokens are dropped)
+
+
+class UnknownRequest(KeyError):
+    """An id the scheduler does not hold: never added, or finished and already released."""
+
+    def __init__(self, request_id: str, max_finished: int):
+        super().__init__(request_id)
+        self.request_id, self.max_finished = request_id, max_finished
+
+    def __str__(self) -> str:
+        return (f"no request with id '{self.request_id}': it was never added, or it finished and was released "
+                f"(a completion is released once read, and at most engine.max_finished_requests="
+                f"{self.max_finished} unread finished requests are kept)")
+
 
 class Status(enum.Enum):
     WAITING = "waiting"
@@ -157,6 +172,11 @@ class Scheduler:
         self.step_ids = itertools.count()
         self.num_preemptions = 0
         self._ids = itertools.count()
+        # Finished requests stay readable until released (Engine.completion reads and releases);
+        # past engine.max_finished_requests unread ones, the oldest are dropped (a long-lived
+        # server must not grow without bound) and remembered by count only.
+        self.finished: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self.num_dropped_unread = 0
 
     # ---- requests ---------------------------------------------------------------------------
     def add(self, prompt: list[int], sampling: SamplingConfig, stop_ids=(), request_id: str | None = None,
@@ -165,7 +185,8 @@ class Scheduler:
         rid = str(next(self._ids)) if request_id is None else str(request_id)
         if rid in self.requests:
             raise ValueError(f"request id '{rid}' is already in use")
-        req = Request(rid, list(prompt), sampling, tuple(stop_ids), self.clock() if arrival is None else arrival)
+        req = Request(rid, list(prompt), sampling.with_seed(), tuple(stop_ids),
+                      self.clock() if arrival is None else arrival)
         self.requests[rid] = req
         need = len(prompt) + sampling.max_new_tokens
         pages = -(-need // self.page_size)
@@ -183,11 +204,33 @@ class Scheduler:
 
     def _fail(self, req: Request, why: str) -> None:
         req.status, req.finish_reason, req.error = Status.FINISHED, "error", why
+        self._retire(req)
 
-    def abort(self, request_id: str) -> Request:
+    def _retire(self, req: Request) -> None:
+        self.finished[req.id] = None
+        while len(self.finished) > self.cfg.max_finished_requests:
+            rid, _ = self.finished.popitem(last=False)
+            del self.requests[rid]
+            self.num_dropped_unread += 1
+
+    def get(self, request_id: str) -> Request:
+        """The request, or UnknownRequest saying why it is not here."""
         req = self.requests.get(str(request_id))
         if req is None:
-            raise KeyError(f"no request with id '{request_id}'")
+            raise UnknownRequest(str(request_id), self.cfg.max_finished_requests)
+        return req
+
+    def release(self, request_id: str) -> Request:
+        """Forgets a finished request (its result has been read); returns it."""
+        req = self.get(request_id)
+        if req.status != Status.FINISHED:
+            raise ValueError(f"request '{request_id}' is still {req.status.value}: only finished requests are released")
+        del self.requests[req.id]
+        self.finished.pop(req.id, None)
+        return req
+
+    def abort(self, request_id: str) -> Request:
+        req = self.get(request_id)
         if req.status != Status.FINISHED:
             self._finish(req, "abort")
         return req
@@ -203,6 +246,7 @@ class Scheduler:
         self._release(req)
         req.status, req.finish_reason = Status.FINISHED, reason
         req.pending.clear()
+        self._retire(req)
 
     def _release(self, req: Request) -> None:
         for page in reversed(req.pages):  # tail first: LRU evicts a prefix's end before its start
@@ -242,12 +286,29 @@ class Scheduler:
             prev = h
         req.num_computed = len(req.pages) * c
 
-    def _preempt(self, victim: Request) -> None:
+    def requeue(self, plan: "StepPlan") -> None:
+        """Undoes a plan whose step never ran (its dispatch failed or was interrupted): every
+        request it served goes back to the queue to recompute, keeping all it had produced."""
+        for req, _, _ in plan.rows:
+            req.pending = collections.deque(p for p in req.pending if p[0] != plan.step_id)
+            if req.status == Status.RUNNING:
+                self._preempt(req, count=False)
+
+    def reset(self) -> None:
+        """Forgets every page (the device cache was lost): running requests recompute from the
+        queue, pending tokens are dropped, the prefix cache starts empty."""
+        for req in list(self.running):
+            self._preempt(req, count=False)
+        for req in self.requests.values():
+            req.pending.clear()
+        self.alloc = PageAllocator(self.alloc.num_pages, self.cfg.prefix_caching)
+
+    def _preempt(self, victim: Request, count: bool = True) -> None:
         self.running.remove(victim)
         self._release(victim)
         victim.status = Status.WAITING
-        victim.num_preemptions += 1
-        self.num_preemptions += 1
+        victim.num_preemptions += count
+        self.num_preemptions += count
         self.waiting.appendleft(victim)
 
     # ---- policy -----------------------------------------------------------------------------
@@ -313,7 +374,7 @@ class Scheduler:
             "sample_step": np.zeros(num_rows, np.int32),
         }
         knobs = ("temperature", "top_k", "top_p", "min_p", "seed")
-        samp = {k: [getattr(SamplingConfig(), k)] * num_rows for k in knobs}  # padding rows: greedy
+        samp = {k: [getattr(PAD_ROW, k)] * num_rows for k in knobs}  # padding rows: greedy
         step_id = next(self.step_ids)
         placed = []
         starts = list(range(len(decode))) + [bd + j * tp for j in range(len(prefill))]
@@ -371,6 +432,6 @@ class Scheduler:
 
     def finish(self, request_id: str, reason: str) -> None:
         """Ends a request from outside the policy (e.g. a stop string matched by the engine)."""
-        req = self.requests[request_id]
+        req = self.get(request_id)
         if req.status != Status.FINISHED:
             self._finish(req, reason)

@@ -44,7 +44,7 @@ class StaticBatcher:
                 times = [first + k * per_step for k in range(len(toks))]
                 times[-1] = end
                 prompt, sampling, arrival = requests[i]
-                out[i] = Completion(str(i), prompt, toks, None, res.finish_reasons[j],
+                out[i] = Completion(str(i), res.seeds[j], prompt, toks, None, res.finish_reasons[j],
                                     res.logprobs[j] if res.logprobs else None, None, arrival, start, times, 0, 0)
             if progress is not None:
                 progress.update(len(idx))
