@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxinfer.config import ModelConfig, RopeScaling, RunConfig, dump_yaml, load_config
+from jaxinfer.config import ModelConfig, RopeScaling, RunConfig, dump_yaml, load_config, resolve_path
 from jaxinfer.models import Model, abstract_params, resolve_dtype
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
@@ -52,7 +52,22 @@ def _rope_from_hf(hf: dict, where: str) -> tuple[float, RopeScaling]:
     return theta, RopeScaling(rope_type=kind, **{k: v for k, v in merged.items() if k in fields})
 
 
-def config_from_hf(hf: dict, *, where: str = "config.json", dtype: str = "auto") -> ModelConfig:
+def _hf_field(hf: dict, key: str, where: str, kind=int, default=None, required: bool = True):
+    """hf[key] checked against `kind` (a missing required field or a wrong type names the field)."""
+    if key not in hf or hf[key] is None:
+        if required and default is None:
+            raise CheckpointError(f"{where}: field '{key}' is missing (a {kind.__name__} is required)")
+        return default
+    value = hf[key]
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else \
+        isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+    if not ok or (kind is int and value <= 0):
+        want = "a positive integer" if kind is int else f"a {kind.__name__}"
+        raise CheckpointError(f"{where}: field '{key}' must be {want}, got {value!r}")
+    return value
+
+
+def config_from_hf(hf: dict, *, where: str = "config.json", dtype: str = "auto", stop_ids=()) -> ModelConfig:
     """Maps a Hugging Face config dict to ours; any field we cannot honour is named in the error."""
     family = hf.get("model_type")
     if family not in SUPPORTED_FAMILIES:
@@ -70,18 +85,20 @@ def config_from_hf(hf: dict, *, where: str = "config.json", dtype: str = "auto")
     if problems:
         raise CheckpointError(f"{where}: unsupported for model_type '{family}': {'; '.join(problems)}")
     theta, scaling = _rope_from_hf(hf, where)
-    heads = hf["num_attention_heads"]
+    field = lambda key, kind=int, default=None: _hf_field(hf, key, where, kind, default)  # noqa: E731
+    hidden, heads = field("hidden_size"), field("num_attention_heads")
     bias = bool(hf.get("attention_bias", False))
+    window = field("sliding_window", int, 0) or None if family == "mistral" else None
     return ModelConfig(
-        name=hf.get("_name_or_path") or family, family=family, vocab_size=hf["vocab_size"],
-        hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"], num_q_heads=heads,
-        num_kv_heads=hf.get("num_key_value_heads") or heads,
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads, ffw_size=hf["intermediate_size"],
-        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_theta=theta, rope_scaling=scaling,
-        max_position_embeddings=hf.get("max_position_embeddings", 2048),
+        name=hf.get("_name_or_path") or family, family=family, vocab_size=field("vocab_size"),
+        hidden_size=hidden, num_layers=field("num_hidden_layers"), num_q_heads=heads,
+        num_kv_heads=field("num_key_value_heads", int, heads),
+        head_dim=field("head_dim", int, hidden // heads), ffw_size=field("intermediate_size"),
+        rms_norm_eps=float(field("rms_norm_eps", float, 1e-6)), rope_theta=theta, rope_scaling=scaling,
+        max_position_embeddings=field("max_position_embeddings", int, 2048),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         qkv_bias=bias or family == "qwen2", o_bias=bias, qk_norm=family == "qwen3",
-        sliding_window=hf.get("sliding_window") if family == "mistral" else None, dtype=resolve_dtype(dtype),
+        sliding_window=window, dtype=resolve_dtype(dtype), stop_ids=tuple(stop_ids),
     )
 
 
@@ -156,7 +173,7 @@ def load_hf(folder: str | Path, dtype: str = "auto") -> Model:
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint folder '{folder}' does not exist")
     hf = _read_json(folder / "config.json")
-    cfg = config_from_hf(hf, where=str(folder / "config.json"), dtype=dtype)
+    cfg = config_from_hf(hf, where=str(folder / "config.json"), dtype=dtype, stop_ids=stop_ids(folder))
     tensors = _TensorIndex(folder)
     if cfg.tie_embeddings is False and "lm_head.weight" not in tensors.where and "tie_word_embeddings" not in hf:
         cfg = dataclasses.replace(cfg, tie_embeddings=True)
@@ -214,6 +231,8 @@ def load_converted(folder: str | Path, dtype: str | None = None) -> Model:
 
     folder = Path(folder).absolute()
     cfg = load_config(folder / CONVERTED_CONFIG, cls=ModelConfig)
+    if not cfg.stop_ids:  # converted before stop ids were part of the config
+        cfg = dataclasses.replace(cfg, stop_ids=stop_ids(folder))
     graphdef, abstract = abstract_params(cfg)
     with ocp.StandardCheckpointer() as ckptr:
         values = ckptr.restore(folder / "params", nnx.to_pure_dict(abstract))
@@ -252,7 +271,7 @@ def load_model(path: str | Path, dtype: str | None = None, scan_layers: bool | N
     """A Hugging Face folder or a `jaxinfer convert` folder, cast to `dtype` (default: "auto" for
     HF folders, i.e. float32 on CPU and bfloat16 on accelerators; the saved dtype for converted
     ones), with layers stacked or not (`scan_layers`; default: stacked, or as saved)."""
-    path = Path(path)
+    path = resolve_path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint '{path}' does not exist")
     model = load_converted(path, dtype) if (path / CONVERTED_CONFIG).is_file() else load_hf(path, dtype or "auto")
@@ -266,18 +285,13 @@ def stop_ids(folder: str | Path | None) -> tuple[int, ...]:
     for name in ("generation_config.json", "config.json"):
         path = Path(folder) / name
         if path.is_file():
-            eos = json.loads(path.read_text()).get("eos_token_id")
+            eos = _read_json(path).get("eos_token_id")
             if eos is not None:
-                return tuple(eos) if isinstance(eos, list) else (int(eos),)
+                ids = eos if isinstance(eos, list) else [eos]
+                if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+                    raise CheckpointError(f"{path}: 'eos_token_id' must be a token id or a list of them, got {eos!r}")
+                return tuple(ids)
     return ()
-
-
-PACKAGE = "package:"  # checkpoint paths inside the installed package, e.g. package:reference/target
-
-
-def resolve_path(spec: str | Path) -> Path:
-    spec = str(spec)
-    return Path(__file__).parent / spec[len(PACKAGE):] if spec.startswith(PACKAGE) else Path(spec)
 
 
 def build(cfg: RunConfig):
@@ -288,13 +302,12 @@ def build(cfg: RunConfig):
     if cfg.checkpoint:
         path = resolve_path(cfg.checkpoint)
         model = load_model(path, cfg.model.dtype if cfg.model.dtype != "auto" else None, cfg.model.scan_layers)
-        has_tok = (path / "tokenizer.json").is_file()
-        tok = load_tokenizer(path if has_tok and cfg.tokenizer == "byte" else cfg.tokenizer)
+        tok = load_tokenizer(path if cfg.tokenizer is None else cfg.tokenizer)
         label = f"{cfg.checkpoint} ({model.cfg.family}, {model.num_params / 1e6:.2f}M params, {model.cfg.dtype})"
-        stops = tuple(dict.fromkeys(stop_ids(path) + tok.eos_ids))
+        stops = tuple(dict.fromkeys(model.cfg.stop_ids + tok.eos_ids))
     else:
         model = init_model(cfg.model, cfg.seed)
-        tok = load_tokenizer(cfg.tokenizer)
+        tok = load_tokenizer(cfg.tokenizer or "byte")
         label = (f"{cfg.model.name}: RANDOM WEIGHTS (seed {cfg.seed}), {model.num_params / 1e6:.2f}M params, "
                  f"{model.cfg.dtype}; its text is noise. Use --model HF_DIR for a real checkpoint.")
         stops = tok.eos_ids

@@ -147,7 +147,7 @@ class RunConfig:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     checkpoint: str | None = None  # a Hugging Face folder or a `jaxinfer convert` output; None = random init
-    tokenizer: str = "byte"  # "byte", or a folder with tokenizer.json (default: the checkpoint's)
+    tokenizer: str | None = None  # None: the checkpoint's (byte without one); "byte"; or a tokenizer folder
     seed: int = 0  # random-init seed
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
@@ -268,3 +268,12 @@ def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] 
 def preset_path(name: str) -> Path:
     """Path of a config shipped inside the package (`jaxinfer/presets/NAME.yaml`)."""
     return Path(__file__).parent / "presets" / f"{name}.yaml"
+
+
+PACKAGE = "package:"  # paths inside the installed package, e.g. package:reference/target
+
+
+def resolve_path(spec: str | Path) -> Path:
+    """A path, with `package:REL` meaning REL inside the installed jaxinfer package."""
+    spec = str(spec)
+    return Path(__file__).parent / spec[len(PACKAGE):] if spec.startswith(PACKAGE) else Path(spec)

@@ -8,6 +8,7 @@ rendered with the same Jinja settings transformers uses.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -16,18 +17,78 @@ class TokenizerError(ValueError):
     """A tokenizer folder we cannot use; the message names the file."""
 
 
-def _render_chat(template: str, messages: list[dict], add_generation_prompt: bool, **special) -> str:
-    """Renders like transformers: sandboxed Jinja, trim_blocks + lstrip_blocks, raise_exception()."""
-    from jinja2.exceptions import TemplateError
+@functools.cache
+def _chat_env():
+    """The Jinja environment of transformers' `_compile_jinja_template` (transformers 5.x): sandboxed,
+    trim_blocks + lstrip_blocks, loop controls ({% break %}, {% continue %}), `{% generation %}`
+    blocks (rendered as their body: we track no assistant mask), `tojson` without HTML escaping
+    or key sorting, `raise_exception`, `strftime_now`, and the guarded `dict` and `namespace`."""
+    import datetime
+
+    import jinja2
+    import jinja2.ext
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    def raise_exception(message):
-        raise TemplateError(message)
+    class Generation(jinja2.ext.Extension):
+        tags = {"generation"}
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = raise_exception
-    return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                            **special)
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    class Namespace(jinja2.utils.Namespace):  # no underscore attributes: no way to CPython internals
+        def __init__(*args, **kwargs):
+            self, args = args[0], args[1:]
+            attrs = dict(*args, **kwargs)
+            for name in attrs:
+                Namespace._check(name)
+            jinja2.utils.Namespace.__init__(self, attrs)
+
+        def __setitem__(self, name, value):
+            Namespace._check(name)
+            jinja2.utils.Namespace.__setitem__(self, name, value)
+
+        @staticmethod
+        def _check(name):
+            if isinstance(name, str) and name.startswith("_"):
+                raise jinja2.exceptions.SecurityError(f"chat templates cannot store underscore-prefixed attributes "
+                                                      f"on a namespace, got {name!r}")
+
+    class Dict:
+        def __call__(self, *args, **kwargs):
+            return dict(*args, **kwargs)
+
+        def fromkeys(self, *args, **kwargs):
+            return dict.fromkeys(*args, **kwargs)
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[Generation, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals |= {"raise_exception": raise_exception, "dict": Dict(), "namespace": Namespace,
+                    "strftime_now": lambda fmt: datetime.datetime.now().strftime(fmt)}
+    return env
+
+
+def _render_chat(template: str, messages: list[dict], add_generation_prompt: bool, **special) -> str:
+    """Renders like transformers' apply_chat_template(tokenize=False); a template's own
+    raise_exception() or a syntax error comes back as TokenizerError with its message."""
+    from jinja2.exceptions import TemplateError
+
+    try:
+        return _chat_env().from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                        **special)
+    except TemplateError as e:
+        raise TokenizerError(f"chat template: {e}") from None
 
 
 class ByteTokenizer:
@@ -72,12 +133,15 @@ class HFTokenizer:
 
         folder = Path(folder)
         path = folder / "tokenizer.json"
-        if not path.is_file():
-            raise TokenizerError(f"'{path}' is missing: jaxinfer reads fast-tokenizer files only "
-                                 "(save with transformers' save_pretrained to produce one)")
-        self.tok = Tokenizer.from_file(str(path))
         cfg_path = folder / "tokenizer_config.json"
         self.config = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        if path.is_file():
+            self.tok = Tokenizer.from_file(str(path))
+        elif (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+            self.tok = self._byte_level_bpe(folder)
+        else:
+            raise TokenizerError(f"'{path}' is missing, and so is a GPT-2-style vocab.json + merges.txt pair: "
+                                 "save the tokenizer with transformers' save_pretrained to produce one")
         jinja = folder / "chat_template.jinja"
         self.chat_template = jinja.read_text() if jinja.is_file() else self.config.get("chat_template")
         self.bos_token = self._token_text("bos_token")
@@ -92,6 +156,21 @@ class HFTokenizer:
         self._post_eos = self.eos_id is not None and empty[-1:] == [self.eos_id]
         self._add_bos = self.config.get("add_bos_token", self._post_bos) and self.bos_id is not None
         self._add_eos = self.config.get("add_eos_token", self._post_eos) and self.eos_id is not None
+
+    def _byte_level_bpe(self, folder: Path):
+        """GPT-2's byte-level BPE from vocab.json + merges.txt, as transformers' GPT2Converter builds
+        it, with the tokenizer_config.json special tokens matched whole."""
+        from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+        tok = Tokenizer(models.BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt"),
+                                             continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=bool(self.config.get("add_prefix_space", False)))
+        tok.decoder = decoders.ByteLevel()
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+        specials = [v["content"] for v in self.config.get("added_tokens_decoder", {}).values() if v.get("special")]
+        specials += [t for t in map(self._token_text, ("bos_token", "eos_token", "unk_token", "pad_token")) if t]
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in dict.fromkeys(specials)])
+        return tok
 
     def _token_text(self, key: str) -> str | None:
         value = self.config.get(key)
@@ -126,10 +205,12 @@ class HFTokenizer:
 
 
 def load_tokenizer(spec: str | Path | None):
-    """'byte' (or None) -> ByteTokenizer; a folder -> HFTokenizer."""
+    """'byte' (or None) -> ByteTokenizer; a folder (or `package:reference/target`) -> HFTokenizer."""
+    from jaxinfer.config import resolve_path
+
     if spec is None or str(spec) == "byte":
         return ByteTokenizer()
-    folder = Path(spec)
+    folder = resolve_path(spec)
     if not folder.is_dir():
         raise TokenizerError(f"tokenizer folder '{folder}' does not exist (or use tokenizer=byte)")
     return HFTokenizer(folder)
