@@ -210,15 +210,15 @@ class Engine:
         plan, tokens, logprobs = self._inflight[0]
         t0 = self.clock()
         try:
-            tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)
+            tokens, logprobs = self._read(tokens, logprobs)
         except Exception:  # the device step failed: its outputs, the cache included, are lost
             with self._lock, interrupts_held():
                 self._reset_device_state()
             raise
         wait = self.clock() - t0
         with self._lock, interrupts_held():
-            self._inflight.popleft()
             touched = self.scheduler.update(plan, tokens, logprobs)
+            self._inflight.popleft()
             self._check_stop_strings(touched)
         return touched, wait
 
@@ -232,6 +232,11 @@ class Engine:
         cache = self._zero_cache()
         self.cache = cache if self.mesh is None else jax.device_put(cache, self._out_shardings[0])
         self._prev = jax.device_put(jnp.zeros(self.num_out_rows, jnp.int32), self._batch_sharding)
+
+    @staticmethod
+    def _read(*arrays) -> tuple[np.ndarray, ...]:
+        """Waits for the device and copies `arrays` to the host."""
+        return tuple(np.asarray(a) for a in arrays)
 
     def _reset_device_state(self) -> None:
         """After a lost step (its cache with it): every unfinished request recomputes from a fresh cache."""
