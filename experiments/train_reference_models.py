@@ -224,10 +224,15 @@ def main(argv=None) -> dict:
     from experiments.corpus import build_corpus
     from jaxinfer.checkpoint import load_model, save_hf
 
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv:
-        raise SystemExit("usage: python -m experiments.train_reference_models CONFIG.yaml [key=value ...]")
-    cfg = load_config(argv[0], argv[1:], cls=TrainConfig)
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m experiments.train_reference_models",
+                                 description="Trains the shipped reference pair (target + distilled draft) from "
+                                             "generated stories; resumes finished stages.")
+    ap.add_argument("config", help="a TrainConfig YAML, e.g. configs/experiments/reference_models.yaml")
+    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. target_steps=100")
+    args = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    cfg = load_config(args.config, args.overrides, cls=TrainConfig)
     check(cfg)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)

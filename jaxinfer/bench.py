@@ -78,13 +78,25 @@ def run_mode(mode: str, model, cfg: RunConfig, reqs):
     raise ValueError(f"bench mode '{mode}' is unknown; choose from {', '.join(MODES)}")
 
 
+def check_workload(cfg: RunConfig, model) -> None:
+    """ValueError naming the setting when the workload cannot run as asked on this model."""
+    b = cfg.bench
+    for mode in b.modes:
+        if mode not in MODES:
+            raise ValueError(f"bench mode '{mode}' is unknown; choose from {', '.join(MODES)}")
+    context = min(cfg.engine.max_model_len, model.cfg.max_position_embeddings)
+    longest = b.shared_prefix_len + max(b.prompt_len, b.prompt_len_max) + max(b.output_len, b.output_len_max)
+    if longest > context:
+        raise ValueError(f"bench: shared prefix {b.shared_prefix_len} + prompt {max(b.prompt_len, b.prompt_len_max)} "
+                         f"+ output {max(b.output_len, b.output_len_max)} = {longest} tokens exceeds the context of "
+                         f"{context} (engine.max_model_len, capped by the model); shorten the workload")
+
+
 def bench(cfg: RunConfig, model, out: str | Path | None = None) -> dict:
     """Runs every mode of cfg.bench on the same workload; prints the table; writes JSON."""
     import jax
 
-    for mode in cfg.bench.modes:
-        if mode not in MODES:
-            raise ValueError(f"bench mode '{mode}' is unknown; choose from {', '.join(MODES)}")
+    check_workload(cfg, model)
     reqs = workload(cfg.bench, model.cfg.vocab_size)
     results, compile_s = {}, {}
     for mode in cfg.bench.modes:

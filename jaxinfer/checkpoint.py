@@ -207,15 +207,21 @@ def _float_only(model: Model) -> None:
                               "model: quantization is applied at load time from model.quant")
 
 
-def save_converted(model: Model, out_dir: str | Path, source: str | Path | None = None) -> Path:
-    """Writes `jaxinfer.yaml` + orbax `params/` (+ the source folder's tokenizer/config files)."""
+def save_converted(model: Model, out_dir: str | Path, source: str | Path | None = None,
+                   overwrite: bool = False) -> Path:
+    """Writes `jaxinfer.yaml` + orbax `params/` (+ the source folder's tokenizer/config files).
+    An existing `params/` is replaced only with `overwrite`."""
     import orbax.checkpoint as ocp
 
     _float_only(model)
 
     out = Path(out_dir).absolute()
+    if source is not None and out.exists() and out.resolve() == Path(source).resolve():
+        raise CheckpointError(f"'{out}' is the source folder itself; write the conversion elsewhere")
     out.mkdir(parents=True, exist_ok=True)
     if (out / "params").exists():
+        if not overwrite:
+            raise CheckpointError(f"'{out / 'params'}' exists; pass overwrite=True (CLI: --force) to replace it")
         shutil.rmtree(out / "params")
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(out / "params", nnx.to_pure_dict(model.params))

@@ -1,4 +1,6 @@
-"""The `jaxinfer` command: `generate` (default model, or --model HF_DIR), `bench` and `convert`."""
+"""The `jaxinfer` command: `generate` (default model, or --model HF_DIR), `bench` and `convert`.
+
+Bad input is one line on stderr and exit code 2, never a traceback."""
 
 from __future__ import annotations
 
@@ -18,13 +20,22 @@ def _config_path(args):
     return args.config or (None if args.model else preset_path("default"))
 
 
-def _load_run_config(args):
+def _load(args):
+    """The run config from --config / the preset and dotted overrides, with the compilation cache on."""
+    from jaxinfer.compilation import enable_compilation_cache
     from jaxinfer.config import load_config
 
     cfg = load_config(_config_path(args), args.overrides)
+    enable_compilation_cache(cfg.compilation_cache)
+    return cfg
+
+
+def _load_run_config(args):
+    cfg = _load(args)
     sampling = dataclasses.replace(cfg.sampling, **{k: v for k, v in {
         "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
         "top_p": args.top_p, "min_p": args.min_p, "seed": args.seed,
+        "stop": tuple(args.stop) if args.stop else None,
         "logprobs": True if args.logprobs else None}.items() if v is not None})
     model = dataclasses.replace(cfg.model, dtype=args.dtype) if args.dtype else cfg.model
     return dataclasses.replace(cfg, model=model, sampling=sampling,
@@ -32,20 +43,45 @@ def _load_run_config(args):
                                tokenizer=args.tokenizer or cfg.tokenizer)
 
 
+def _utf8(text: str, what: str) -> str:
+    """`text` if it is valid UTF-8 (argv keeps undecodable bytes as surrogates); else ValueError."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        at = len(text[: e.start].encode("utf-8", "surrogateescape"))
+        raise ValueError(f"{what}: invalid UTF-8 at byte {at}; pass UTF-8 text") from None
+    return text
+
+
+def _prompts(args) -> list[str]:
+    texts = [_utf8(t, f"--prompt {i + 1}") for i, t in enumerate(args.prompt or [])]
+    for path in args.prompt_file or []:
+        data = Path(path).read_bytes()
+        try:
+            texts.append(data.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise ValueError(f"prompt file '{path}': invalid UTF-8 at byte {e.start} ({e.reason}); "
+                             "save it as UTF-8") from None
+    return texts or [DEFAULT_PROMPT]
+
+
 def cmd_generate(args) -> int:
     from jaxinfer.checkpoint import build
     from jaxinfer.generate import Generator
 
     cfg = _load_run_config(args)
+    texts = _prompts(args)
     model, tok, stops, label = build(cfg)
-    texts = args.prompt or [DEFAULT_PROMPT]
+    if args.chat and not getattr(tok, "chat_template", None):
+        raise ValueError(f"--chat: the tokenizer of {cfg.checkpoint or cfg.tokenizer} has no chat template "
+                         "(tokenizer_config.json or chat_template.jinja); drop --chat or use a chat model")
     rendered = [tok.apply_chat_template([{"role": "user", "content": t}]) for t in texts] if args.chat else texts
     prompts = [tok.encode(t, add_special_tokens=not args.chat) for t in rendered]
     print(f"model: {label}", flush=True)
-    result = Generator(model, cfg.decode).generate(prompts, cfg.sampling, stops)
-    for text, new, reason, lps in zip(texts, result.tokens, result.finish_reasons,
-                                      result.logprobs or [None] * len(texts)):
-        print(f"\n--- prompt: {text!r}\n{tok.decode(new)}\n[{len(new)} tokens, finish: {reason}]")
+    result = Generator(model, cfg.decode).generate(prompts, cfg.sampling, stops, tokenizer=tok)
+    for text, new, out, reason, seed, lps in zip(texts, result.tokens, result.texts, result.finish_reasons,
+                                                  result.seeds, result.logprobs or [None] * len(texts)):
+        print(f"\n--- prompt: {text!r}\n{out}\n[{len(new)} tokens, finish: {reason}, seed {seed}]")
         if lps is not None:
             print("logprobs: " + " ".join(f"{t}:{lp:.3f}" for t, lp in zip(new, lps)))
     t = result.timing
@@ -55,20 +91,36 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def cmd_bench(args) -> int:
-    from jaxinfer.bench import bench
-    from jaxinfer.checkpoint import build
-    from jaxinfer.config import load_config
+def _check_writable(path: Path) -> None:
+    """Fails now, not after a long run, if `path` cannot be written."""
+    if path.is_dir():
+        raise ValueError(f"--out '{path}' is a folder; give a file name, e.g. {path / 'bench.json'}")
+    existed = path.exists()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a"):
+            pass
+    except OSError as e:
+        raise ValueError(f"--out '{path}': cannot write there ({e.strerror}); choose another path") from None
+    if not existed:
+        path.unlink()
 
-    cfg = load_config(_config_path(args), args.overrides)
+
+def cmd_bench(args) -> int:
+    from jaxinfer.bench import bench, check_workload
+    from jaxinfer.checkpoint import build
+
+    cfg = _load(args)
     flags = {"num_requests": args.num_requests, "prompt_len": args.prompt_len, "output_len": args.output_len,
              "shared_prefix_len": args.shared_prefix, "arrival_rate": args.rate,
              "modes": tuple(args.compare.split(",")) if args.compare else None}
     bench_cfg = dataclasses.replace(cfg.bench, **{k: v for k, v in flags.items() if v is not None})
     cfg = dataclasses.replace(cfg, bench=bench_cfg, checkpoint=args.model or cfg.checkpoint)
+    out = Path(args.out or f"results/bench/{time.strftime('%Y%m%d-%H%M%S')}.json")
+    _check_writable(out)
     model, _, _, label = build(cfg)
+    check_workload(cfg, model)
     print(f"model: {label}\nworkload: {bench_cfg}", flush=True)
-    out = args.out or f"results/bench/{time.strftime('%Y%m%d-%H%M%S')}.json"
     bench(cfg, model, out)
     print(f"wrote {out}")
     return 0
@@ -77,49 +129,81 @@ def cmd_bench(args) -> int:
 def cmd_convert(args) -> int:
     from jaxinfer.checkpoint import load_hf, save_converted
 
-    model = load_hf(args.hf_dir, args.dtype)
-    out = save_converted(model, args.out_dir, source=args.hf_dir)
-    print(f"converted {args.hf_dir} ({model.cfg.family}, {model.num_params / 1e6:.2f}M params, "
-          f"{model.cfg.dtype}) -> {out}")
+    src, out = Path(args.hf_dir), Path(args.out_dir)
+    if out.exists() and src.exists() and out.resolve() == src.resolve():
+        raise ValueError(f"convert: the output folder is the input folder '{src}'; give another out_dir")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"convert: out_dir '{out}' is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not args.force:
+        raise ValueError(f"convert: out_dir '{out}' exists and is not empty; pass --force to replace its "
+                         "params/ and jaxinfer.yaml, or choose an empty folder")
+    model = load_hf(src, args.dtype)
+    saved = save_converted(model, out, source=src, overwrite=args.force)
+    print(f"converted {src} ({model.cfg.family}, {model.num_params / 1e6:.2f}M params, {model.cfg.dtype}) -> {saved}")
     return 0
+
+
+def _sampling_flags(g) -> None:
+    from jaxinfer.config import SamplingConfig
+
+    d = SamplingConfig()
+    g.add_argument("--max-new-tokens", type=int, metavar="N",
+                   help=f"new tokens per prompt, >= 1 (default: the config's, {d.max_new_tokens} in the presets)")
+    g.add_argument("--temperature", type=float, metavar="T",
+                   help=f"finite, >= 0; 0 = greedy (default: the config's, {d.temperature})")
+    g.add_argument("--top-k", type=int, metavar="K", help=f">= 0; 0 = off (default: {d.top_k})")
+    g.add_argument("--top-p", type=float, metavar="P", help=f"in (0, 1]; 1 = off (default: {d.top_p})")
+    g.add_argument("--min-p", type=float, metavar="P", help=f"in [0, 1]; 0 = off (default: {d.min_p})")
+    g.add_argument("--seed", type=int, metavar="S", help="sampling seed in [0, 2**32) (default: a fresh seed per "
+                                                         "prompt, printed with its completion so the run can be repeated)")
+    g.add_argument("--stop", action="append", metavar="TEXT",
+                   help="stop string, repeatable: a completion ends where its text first contains one (default: none)")
+    g.add_argument("--logprobs", action="store_true", help="print the logprob of each chosen token")
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jaxinfer", description="JAX/XLA LLM inference research framework")
     sub = p.add_subparsers(dest="command", required=True)
+    overrides = dict(nargs="*", help="dotted config overrides, e.g. model.num_layers=2 compilation_cache=null")
     g = sub.add_parser("generate", help="generate text (default: the shipped reference model)")
-    g.add_argument("--config", help="a run YAML (see configs/); default: jaxinfer/presets/default.yaml")
-    g.add_argument("--model", help="a Hugging Face checkpoint folder or a `jaxinfer convert` output")
-    g.add_argument("--tokenizer", help="'byte' or a folder with tokenizer.json (default: the model's)")
-    g.add_argument("--prompt", action="append", help="prompt text; repeat for a batch")
-    g.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
-    g.add_argument("--max-new-tokens", type=int)
-    g.add_argument("--temperature", type=float)
-    g.add_argument("--top-k", type=int)
-    g.add_argument("--top-p", type=float)
-    g.add_argument("--min-p", type=float)
-    g.add_argument("--seed", type=int)
+    g.add_argument("--config", help="a run YAML (see configs/) (default: jaxinfer/presets/default.yaml, "
+                                    "the shipped reference model; none with --model)")
+    g.add_argument("--model", help="a Hugging Face checkpoint folder, a `jaxinfer convert` output, or "
+                                   "package:reference/target (default: the config's checkpoint)")
+    g.add_argument("--tokenizer", help="'byte', or a folder with tokenizer.json or vocab.json + merges.txt "
+                                       "(default: the checkpoint's own, else byte)")
+    g.add_argument("--prompt", action="append", help=f"prompt text, repeatable for a batch (default: {DEFAULT_PROMPT!r})")
+    g.add_argument("--prompt-file", action="append", metavar="FILE",
+                   help="a UTF-8 file whose whole text is one prompt, repeatable, after the --prompt ones (default: none)")
+    g.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template "
+                                                       "(the model needs one: the shipped reference model has none)")
+    _sampling_flags(g)
     g.add_argument("--dtype", choices=["auto", "float32", "bfloat16"],
-                   help="auto: float32 on CPU, bfloat16 on accelerators")
-    g.add_argument("--logprobs", action="store_true", help="print the logprob of each chosen token")
-    g.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. model.num_layers=2")
+                   help="auto: float32 on CPU, bfloat16 on accelerators (default: the config's model.dtype, auto)")
+    g.add_argument("overrides", **overrides)
     g.set_defaults(func=cmd_generate)
     b = sub.add_parser("bench", help="offline serving benchmark: continuous vs static vs sequential")
-    b.add_argument("--config", help="a run YAML (model, engine, bench sections); default: the embedded model")
-    b.add_argument("--model", help="a Hugging Face checkpoint folder instead of random init")
-    b.add_argument("--compare", help="comma-separated modes: continuous,static,sequential")
-    b.add_argument("--num-requests", type=int)
-    b.add_argument("--prompt-len", type=int)
-    b.add_argument("--output-len", type=int)
-    b.add_argument("--shared-prefix", type=int, help="tokens of a prefix shared by every prompt")
-    b.add_argument("--rate", type=float, help="Poisson arrival rate in requests/s (0: all at once)")
-    b.add_argument("--out", help="JSON path (default results/bench/<time>.json)")
-    b.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. engine.page_size=32")
+    b.add_argument("--config", help="a run YAML with model, engine and bench sections "
+                                    "(default: jaxinfer/presets/default.yaml, the shipped reference model)")
+    b.add_argument("--model", help="a Hugging Face or converted checkpoint folder: replaces the config's "
+                                   "checkpoint (default: the config's; one with checkpoint: null runs random "
+                                   "weights of its model: section)")
+    b.add_argument("--compare", help="comma-separated modes from continuous,static,sequential (default: continuous)")
+    b.add_argument("--num-requests", type=int, metavar="N", help="requests, >= 1 (default: the config's bench.num_requests, 32)")
+    b.add_argument("--prompt-len", type=int, metavar="N", help="prompt tokens, >= 1; with the shared prefix and "
+                                                               "the output it must fit engine.max_model_len (default: 128)")
+    b.add_argument("--output-len", type=int, metavar="N", help="output tokens, >= 1 (default: 128)")
+    b.add_argument("--shared-prefix", type=int, metavar="N", help="tokens of a prefix shared by every prompt, >= 0 (default: 0)")
+    b.add_argument("--rate", type=float, metavar="R", help="Poisson arrival rate in requests/s, >= 0; 0 = all at once (default: 0)")
+    b.add_argument("--out", help="JSON path, checked for writing before the run (default: results/bench/<time>.json)")
+    b.add_argument("overrides", **overrides)
     b.set_defaults(func=cmd_bench)
     c = sub.add_parser("convert", help="convert a Hugging Face folder to an orbax checkpoint")
-    c.add_argument("hf_dir")
-    c.add_argument("out_dir")
-    c.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16"])
+    c.add_argument("hf_dir", help="the Hugging Face folder (config.json + safetensors)")
+    c.add_argument("out_dir", help="an empty or new folder (not hf_dir)")
+    c.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16"],
+                   help="dtype of the saved params (default: float32)")
+    c.add_argument("--force", action="store_true", help="replace params/ and jaxinfer.yaml in a non-empty out_dir")
     c.set_defaults(func=cmd_convert)
     return p
 
@@ -128,9 +212,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:  # config, checkpoint, tokenizer and sampling errors
-        print(f"jaxinfer {args.command}: error: {e}", file=sys.stderr)
+    except (ValueError, OSError) as e:  # config, checkpoint, tokenizer, sampling and file errors
+        detail = f"{e.strerror}: '{e.filename}'" if isinstance(e, OSError) and e.filename else str(e)
+        print(f"jaxinfer {args.command}: error: {detail}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"jaxinfer {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

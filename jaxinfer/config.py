@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import secrets
 import types
 import typing
@@ -122,6 +123,18 @@ class EngineConfig:
     max_finished_requests: int = 1024
     max_step_records: int = 100_000
 
+    def __post_init__(self):
+        _at_least(self, 1, "page_size", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "max_step_records")
+        _at_least(self, 0, "kv_memory_fraction", "max_finished_requests")
+        if self.num_pages is not None and self.num_pages < 1:
+            raise ValueError(f"engine.num_pages={self.num_pages}: the KV cache needs at least one page "
+                             "(or leave it unset for room for max_num_seqs full requests)")
+        for name in ("decode_row_buckets", "prefill_row_buckets", "chunk_buckets"):
+            values = getattr(self, name)
+            if not values or min(values) < (1 if name == "chunk_buckets" else 0):
+                raise ValueError(f"engine.{name}={list(values)}: needs at least one size, each "
+                                 f">= {1 if name == 'chunk_buckets' else 0}")
+
 
 @dataclass(frozen=True)
 class BenchConfig:
@@ -140,6 +153,12 @@ class BenchConfig:
     modes: tuple[str, ...] = ("continuous",)  # continuous | static | sequential (one by one via generate())
     warmup: bool = True  # run the workload once first so compilation stays out of the numbers
 
+    def __post_init__(self):
+        _at_least(self, 1, "num_requests", "prompt_len", "output_len")
+        _at_least(self, 0, "prompt_len_max", "output_len_max", "shared_prefix_len", "arrival_rate")
+        if not math.isfinite(self.arrival_rate):
+            raise ValueError(f"bench.arrival_rate={self.arrival_rate}: must be finite (0 = all at once)")
+
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -149,10 +168,22 @@ class RunConfig:
     checkpoint: str | None = None  # a Hugging Face folder or a `jaxinfer convert` output; None = random init
     tokenizer: str | None = None  # None: the checkpoint's (byte without one); "byte"; or a tokenizer folder
     seed: int = 0  # random-init seed
+    # JAX's persistent compilation cache for the `jaxinfer` command (null: off); a second run of the
+    # same shapes loads its executables instead of compiling. $JAXINFER_COMPILATION_CACHE overrides.
+    compilation_cache: str | None = "~/.cache/jaxinfer/xla"
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
+
+
+def _at_least(cfg, low, *names) -> None:
+    """ValueError naming the first field of `cfg` below `low`."""
+    section = {"EngineConfig": "engine", "BenchConfig": "bench"}.get(type(cfg).__name__, type(cfg).__name__)
+    for name in names:
+        value = getattr(cfg, name)
+        if isinstance(value, (int, float)) and not value >= low:
+            raise ValueError(f"{section}.{name}={value}: must be >= {low}")
 
 
 def _type_name(tp) -> str:
@@ -204,7 +235,10 @@ def from_dict(cls, data: dict, *, where: str = "<dict>", prefix: str = ""):
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
             raise ConfigError(f"{where}: unknown key '{prefix}{key}' in {cls.__name__}{hint}")
         kwargs[key] = _coerce(value, hints[key], prefix + key, where)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as e:  # a dataclass's own range check: say where the value came from
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def to_dict(cfg) -> dict:

@@ -61,7 +61,6 @@ class Completion:
     """One request's result. Times are seconds on the engine's clock (time.perf_counter)."""
 
     request_id: str
-    seed: int  # the sampling seed it ran with: pass it back to repeat the request
     prompt_tokens: list[int]
     tokens: list[int]
     text: str | None
@@ -73,6 +72,7 @@ class Completion:
     token_times: list[float]
     num_cached_tokens: int
     num_preemptions: int
+    seed: int | None = None  # the sampling seed it ran with: pass it back to repeat the request
 
 
 @dataclasses.dataclass
@@ -115,8 +115,8 @@ class Engine:
         self.max_model_len = min(cfg.max_model_len, model.cfg.max_position_embeddings)
         num_pages = num_pages_for(cfg, model, self.max_model_len)
         if num_pages <= 0:
-            raise ValueError(f"engine.num_pages={num_pages}: the KV cache needs at least one page "
-                             "(set engine.num_pages, or leave it unset for room for max_num_seqs full requests)")
+            raise ValueError(f"engine.kv_memory_fraction={cfg.kv_memory_fraction} gives {num_pages} KV pages: "
+                             "the cache needs at least one; raise it or set engine.num_pages")
         self.num_pages = num_pages
         self.params, self.mesh, self._out_shardings, self._batch_sharding = model.params, None, None, None
         if tuple(cfg.mesh) != (1, 1):
@@ -344,6 +344,7 @@ class Engine:
                 self.scheduler.release(request_id)
         text = None if self.tokenizer is None else cut_at_stop_string(r.output, r.sampling.stop,
                                                                          self.tokenizer.decode)[1]
-        return Completion(r.id, r.sampling.seed, r.prompt, list(r.output), text, r.finish_reason,
+        return Completion(r.id, r.prompt, list(r.output), text, r.finish_reason,
                           list(r.logprobs) if r.sampling.logprobs else None, r.error, r.arrival,
-                          r.scheduled_time, list(r.token_times), r.num_cached_tokens, r.num_preemptions)
+                          r.scheduled_time, list(r.token_times), r.num_cached_tokens, r.num_preemptions,
+                          r.sampling.seed)

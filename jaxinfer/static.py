@@ -44,8 +44,8 @@ class StaticBatcher:
                 times = [first + k * per_step for k in range(len(toks))]
                 times[-1] = end
                 prompt, sampling, arrival = requests[i]
-                out[i] = Completion(str(i), res.seeds[j], prompt, toks, None, res.finish_reasons[j],
-                                    res.logprobs[j] if res.logprobs else None, None, arrival, start, times, 0, 0)
+                out[i] = Completion(str(i), prompt, toks, None, res.finish_reasons[j],
+                                    res.logprobs[j] if res.logprobs else None, None, arrival, start, times, 0, 0, res.seeds[j])
             if progress is not None:
                 progress.update(len(idx))
         return out

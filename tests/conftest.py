@@ -6,6 +6,9 @@ from pathlib import Path
 
 os.environ.setdefault("JAX_NUM_CPU_DEVICES", "8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The CLI turns JAX's persistent compilation cache on; in-process CLI tests must not turn it on for
+# the whole test process (tests/test_cli.py checks the cache in subprocesses).
+os.environ.setdefault("JAXINFER_COMPILATION_CACHE", "off")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
