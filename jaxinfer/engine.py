@@ -144,7 +144,7 @@ class Engine:
 
     # ---- requests -------------------------------------------------------------------------------
     def _prepare(self, prompt: str | list[int], sampling: SamplingConfig, stop_ids, what: str = "prompt"):
-        """(token ids, sampling with its seed, stop ids), or ValueError: nothing is queued."""
+        """(token ids, sampling, stop ids) checked, or ValueError: nothing is queued."""
         validate(sampling)
         if isinstance(prompt, str):
             if self.tokenizer is None:

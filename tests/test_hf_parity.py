@@ -75,11 +75,18 @@ def test_prefill_then_32_decode_steps_match_full_forward(family):
 def test_greedy_32_tokens_equal_transformers_generate(family):
     g = golden(family)
     gen = Generator(model(family))
-    batched = gen.generate(g["prompts"], SamplingConfig(max_new_tokens=32))
+    batched = gen.generate(g["prompts"], SamplingConfig(max_new_tokens=32), stop_ids=())  # raw greedy, as the golden
     assert batched.tokens == g["greedy"]
     assert batched.finish_reasons == ["length"] * len(g["prompts"])
     for ids, want in zip(g["prompts"], g["greedy"]):
-        assert gen.generate([ids], SamplingConfig(max_new_tokens=32)).tokens == [want]
+        assert gen.generate([ids], SamplingConfig(max_new_tokens=32), stop_ids=()).tokens == [want]
+    # By default a row ends at the folder's first EOS id (generation_config.json), token included.
+    stops = model(family).cfg.stop_ids
+    assert stops
+    cut = [next((row[: i + 1] for i, t in enumerate(row) if t in stops), row) for row in g["greedy"]]
+    default = gen.generate(g["prompts"], SamplingConfig(max_new_tokens=32))
+    assert default.tokens == cut
+    assert default.finish_reasons == ["stop" if row[-1] in stops else "length" for row in cut]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
