@@ -309,7 +309,7 @@ class Engine:
                              "or one per prompt")
         ready = [self._prepare(p, s, stop_ids, f"prompt {i}") for i, (p, s) in enumerate(zip(prompts, configs))]
         with self._lock:
-            return [self.scheduler.add(ids, s, stops).id for ids, s, stops in ready]
+            return [self.scheduler.add(ids, s, stops, keep=True).id for ids, s, stops in ready]
 
     def generate(self, prompts: list[str | list[int]], sampling: SamplingConfig | list[SamplingConfig] = SamplingConfig(),
                  stop_ids=None) -> list[Completion]:

@@ -64,6 +64,7 @@ class Request:
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache at first admission
     num_preemptions: int = 0
     known: list[int] = dataclasses.field(default_factory=list)  # prompt + output, kept in step
+    keep: bool = False  # its owner (Engine.generate/stream) releases it: never dropped unread
 
     def __post_init__(self):
         self.known = self.prompt + self.output
@@ -180,13 +181,14 @@ class Scheduler:
 
     # ---- requests ---------------------------------------------------------------------------
     def add(self, prompt: list[int], sampling: SamplingConfig, stop_ids=(), request_id: str | None = None,
-            arrival: float | None = None) -> Request:
-        """Queues a request; one that can never run is returned finished with `error` set."""
+            arrival: float | None = None, keep: bool = False) -> Request:
+        """Queues a request; one that can never run is returned finished with `error` set. `keep`:
+        the caller will release it, so the cap on unread finished requests does not apply."""
         rid = str(next(self._ids)) if request_id is None else str(request_id)
         if rid in self.requests:
             raise ValueError(f"request id '{rid}' is already in use")
         req = Request(rid, list(prompt), sampling.with_seed(), tuple(stop_ids),
-                      self.clock() if arrival is None else arrival)
+                      self.clock() if arrival is None else arrival, keep=keep)
         self.requests[rid] = req
         need = len(prompt) + sampling.max_new_tokens
         pages = -(-need // self.page_size)
@@ -207,6 +209,8 @@ class Scheduler:
         self._retire(req)
 
     def _retire(self, req: Request) -> None:
+        if req.keep:
+            return
         self.finished[req.id] = None
         while len(self.finished) > self.cfg.max_finished_requests:
             rid, _ = self.finished.popitem(last=False)

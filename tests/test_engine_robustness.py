@@ -202,6 +202,9 @@ def test_thousands_of_requests_keep_memory_bounded():
     for _ in range(200):  # results read through generate are released at once
         e.generate([[1, 2]], one)
     assert len(e.scheduler.requests) == 49
+    many = e.generate([[i % CFG.vocab_size] for i in range(120)], one)  # more than the cap in one call
+    assert len(many) == 120 and all(len(c.tokens) == 1 for c in many)
+    assert len(e.scheduler.requests) == 49
 
 
 def test_closing_a_stream_early_aborts_its_requests():
