@@ -52,10 +52,10 @@ def _rope_from_hf(hf: dict, where: str) -> tuple[float, RopeScaling]:
     return theta, RopeScaling(rope_type=kind, **{k: v for k, v in merged.items() if k in fields})
 
 
-def _hf_field(hf: dict, key: str, where: str, kind=int, default=None, required: bool = True):
-    """hf[key] checked against `kind` (a missing required field or a wrong type names the field)."""
+def _hf_field(hf: dict, key: str, where: str, kind=int, default=None):
+    """hf[key] checked against `kind`; a missing field without a default, or a wrong type, names the field."""
     if key not in hf or hf[key] is None:
-        if required and default is None:
+        if default is None:
             raise CheckpointError(f"{where}: field '{key}' is missing (a {kind.__name__} is required)")
         return default
     value = hf[key]
@@ -308,7 +308,8 @@ def build(cfg: RunConfig):
     if cfg.checkpoint:
         path = resolve_path(cfg.checkpoint)
         model = load_model(path, cfg.model.dtype if cfg.model.dtype != "auto" else None, cfg.model.scan_layers)
-        tok = load_tokenizer(path if cfg.tokenizer is None else cfg.tokenizer)
+        own = (path / "tokenizer.json").is_file() or (path / "vocab.json").is_file()
+        tok = load_tokenizer(cfg.tokenizer if cfg.tokenizer is not None else path if own else "byte")
         label = f"{cfg.checkpoint} ({model.cfg.family}, {model.num_params / 1e6:.2f}M params, {model.cfg.dtype})"
         stops = tuple(dict.fromkeys(model.cfg.stop_ids + tok.eos_ids))
     else:

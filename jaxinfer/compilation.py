@@ -6,7 +6,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-DEFAULT_DIR = "~/.cache/jaxinfer/xla"
+from jaxinfer.config import RunConfig
+
+DEFAULT_DIR = RunConfig.compilation_cache  # ~/.cache/jaxinfer/xla: one default, in the config
 ENV = "JAXINFER_COMPILATION_CACHE"  # overrides the config: a folder, or "off"
 
 
