@@ -189,3 +189,12 @@ def test_persistent_compilation_cache_is_written_and_reused(tmp_path):
     assert entries, "nothing was cached"
     second = run()
     assert second.returncode == 0 and sorted(p.name for p in (tmp_path / "xla").iterdir()) == entries
+
+
+def test_a_checkpoint_without_tokenizer_files_runs_on_bytes(capsys, tmp_path):
+    bare = tmp_path / "bare"
+    shutil.copytree(FIXTURES / "llama2", bare)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (bare / name).unlink(missing_ok=True)
+    assert main(["generate", "--model", str(bare), "--max-new-tokens", "2"]) == 0
+    assert "prompt tokens 25 " in capsys.readouterr().out  # the byte tokenizer: 24 bytes + BOS
