@@ -59,8 +59,7 @@ def _hf_field(hf: dict, key: str, where: str, kind=int, default=None):
             raise CheckpointError(f"{where}: field '{key}' is missing (a {kind.__name__} is required)")
         return default
     value = hf[key]
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else \
-        isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+    ok = isinstance(value, (int, float) if kind is float else kind) and not isinstance(value, bool)
     if not ok or (kind is int and value <= 0):
         want = "a positive integer" if kind is int else f"a {kind.__name__}"
         raise CheckpointError(f"{where}: field '{key}' must be {want}, got {value!r}")

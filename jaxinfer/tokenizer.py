@@ -131,7 +131,7 @@ class HFTokenizer:
     def __init__(self, folder: str | Path):
         from tokenizers import Tokenizer
 
-        folder = Path(folder)
+        folder = self.folder = Path(folder)
         path = folder / "tokenizer.json"
         cfg_path = folder / "tokenizer_config.json"
         self.config = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
@@ -199,7 +199,8 @@ class HFTokenizer:
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         if not self.chat_template:
-            raise TokenizerError("this tokenizer has no chat_template (tokenizer_config.json or chat_template.jinja)")
+            raise TokenizerError(f"the tokenizer in '{self.folder}' has no chat template (tokenizer_config.json or "
+                                 "chat_template.jinja): pass plain prompts (no --chat), or use a chat model")
         return _render_chat(self.chat_template, messages, add_generation_prompt,
                             bos_token=self.bos_token or "", eos_token=self.eos_token or "")
 
