@@ -55,7 +55,7 @@ class Request:
     pending: collections.deque = dataclasses.field(default_factory=collections.deque)  # (step_id, row) in flight
     num_computed: int = 0  # positions whose KV is (or is being) written
     pages: list[int] = dataclasses.field(default_factory=list)
-    page_hashes: list[int] = dataclasses.field(default_factory=list)  # of full pages, chained
+    page_keys: list[PageKey] = dataclasses.field(default_factory=list)  # of full pages
     status: Status = Status.WAITING
     finish_reason: str | None = None  # stop | length | abort | error
     error: str | None = None
@@ -79,9 +79,36 @@ class Request:
         return len(self.output) + len(self.pending)
 
 
+class PageKey:
+    """What a full page holds: its tokens and, through `parent`, every token before them. Hashed
+    by the chain (cheap), compared token by token (exact): a 64-bit hash collision between two
+    prefixes cannot hand one request another's KV."""
+
+    __slots__ = ("parent", "tokens", "_hash")
+
+    def __init__(self, parent: "PageKey | None", tokens: tuple[int, ...]):
+        self.parent, self.tokens = parent, tokens
+        self._hash = page_hash(parent._hash if parent is not None else 0, tokens)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other) -> bool:
+        a, b = self, other
+        while a is not b:  # walk both chains (iterative: prefixes can be thousands of pages)
+            if a is None or b is None or a._hash != b._hash or a.tokens != b.tokens:
+                return False
+            a, b = a.parent, b.parent
+        return True
+
+
+def page_hash(parent_hash: int, tokens: tuple[int, ...]) -> int:
+    return hash((parent_hash, tokens))
+
+
 class PageAllocator:
     """Pages with reference counts. A page whose count drops to 0 goes to the free list, or, if it
-    holds a hashed full page, to an LRU of cached pages that prefix hits can revive."""
+    holds a full page with a key, to an LRU of cached pages that prefix hits can revive."""
 
     def __init__(self, num_pages: int, prefix_caching: bool = True):
         self.num_pages = num_pages
@@ -89,8 +116,8 @@ class PageAllocator:
         self.refcount = np.zeros(num_pages, np.int32)
         self.free = collections.deque(range(num_pages))
         self.lru: collections.OrderedDict[int, None] = collections.OrderedDict()  # cached, refcount 0
-        self.by_hash: dict[int, int] = {}
-        self.hash_of: dict[int, int] = {}
+        self.by_key: dict[PageKey, int] = {}
+        self.key_of: dict[int, PageKey] = {}
         self.newly_freed: list[int] = []  # pages that went to the free list (debug poisoning)
 
     @property
@@ -102,7 +129,7 @@ class PageAllocator:
             page = self.free.popleft()
         elif self.lru:
             page, _ = self.lru.popitem(last=False)
-            del self.by_hash[self.hash_of.pop(page)]
+            del self.by_key[self.key_of.pop(page)]
         else:
             return None
         self.refcount[page] = 1
@@ -112,23 +139,23 @@ class PageAllocator:
         assert self.refcount[page] > 0, f"page {page} released twice"
         self.refcount[page] -= 1
         if self.refcount[page] == 0:
-            if page in self.hash_of:
+            if page in self.key_of:
                 self.lru[page] = None
             else:
                 self.free.append(page)
                 self.newly_freed.append(page)
 
-    def lookup(self, h: int) -> int | None:
-        """The cached page holding hash `h`, now referenced once more; None on a miss."""
-        page = self.by_hash.get(h) if self.prefix_caching else None
+    def lookup(self, key: PageKey) -> int | None:
+        """The cached page holding `key`, now referenced once more; None on a miss."""
+        page = self.by_key.get(key) if self.prefix_caching else None
         if page is not None:
             self.lru.pop(page, None)
             self.refcount[page] += 1
         return page
 
-    def register(self, page: int, h: int) -> None:
-        if self.prefix_caching and h not in self.by_hash and page not in self.hash_of:
-            self.by_hash[h], self.hash_of[page] = page, h
+    def register(self, page: int, key: PageKey) -> None:
+        if self.prefix_caching and key not in self.by_key and page not in self.key_of:
+            self.by_key[key], self.key_of[page] = page, key
 
 
 def bucket(n: int, buckets, what: str) -> int:
@@ -255,7 +282,7 @@ class Scheduler:
     def _release(self, req: Request) -> None:
         for page in reversed(req.pages):  # tail first: LRU evicts a prefix's end before its start
             self.alloc.release(page)
-        req.pages, req.page_hashes, req.num_computed = [], [], 0
+        req.pages, req.page_keys, req.num_computed = [], [], 0
 
     # ---- pages ------------------------------------------------------------------------------
     def _grow(self, req: Request, num_positions: int) -> bool:
@@ -267,27 +294,25 @@ class Scheduler:
         return True
 
     def _register_full_pages(self, req: Request) -> None:
-        """Hashes pages whose positions are all computed and whose tokens are all known."""
+        """Keys pages whose positions are all computed and whose tokens are all known."""
         c, known = self.page_size, req.known
         full = min(req.num_computed, len(known)) // c
-        for i in range(len(req.page_hashes), full):
-            prev = req.page_hashes[-1] if req.page_hashes else 0
-            h = hash((prev, tuple(known[i * c:(i + 1) * c])))
-            req.page_hashes.append(h)
-            self.alloc.register(req.pages[i], h)
+        for i in range(len(req.page_keys), full):
+            key = PageKey(req.page_keys[-1] if req.page_keys else None, tuple(known[i * c:(i + 1) * c]))
+            req.page_keys.append(key)
+            self.alloc.register(req.pages[i], key)
 
     def _prefix_hits(self, req: Request) -> None:
         """Points a fresh request's first pages at cached pages with the same token prefix."""
         c, known = self.page_size, req.known
-        prev = 0
+        key = None
         for i in range((len(known) - 1) // c):  # at least one token is left to compute for logits
-            h = hash((prev, tuple(known[i * c:(i + 1) * c])))
-            page = self.alloc.lookup(h)
+            key = PageKey(key, tuple(known[i * c:(i + 1) * c]))
+            page = self.alloc.lookup(key)
             if page is None:
                 break
             req.pages.append(page)
-            req.page_hashes.append(h)
-            prev = h
+            req.page_keys.append(key)
         req.num_computed = len(req.pages) * c
 
     def requeue(self, plan: "StepPlan") -> None:
@@ -426,12 +451,12 @@ class Scheduler:
             req.logprobs.append(float(logprobs[row]))
             req.token_times.append(now)
             touched.append(req)
+            if req.status == Status.RUNNING:  # before finishing: its pages serve later prefixes
+                self._register_full_pages(req)
             if tok in req.stop_ids:
                 self._finish(req, "stop")
-            elif len(req.output) >= req.sampling.max_new_tokens or req.num_tokens >= self.max_model_len:
+            elif len(req.output) >= req.sampling.max_new_tokens or len(req.known) >= self.max_model_len:
                 self._finish(req, "length")
-            elif req.status == Status.RUNNING:
-                self._register_full_pages(req)
         return touched
 
     def finish(self, request_id: str, reason: str) -> None:

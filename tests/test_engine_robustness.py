@@ -2,6 +2,7 @@
 failed device steps, bad input, and thousands of requests, and still gives the dense baseline's
 tokens afterwards with no page held."""
 
+import dataclasses
 import os
 import signal
 import threading
@@ -9,11 +10,12 @@ import time
 
 import numpy as np
 import pytest
-from test_engine import CFG, GREEDY, assert_equals_dense, engine, model, prompts
+from test_engine import BASE, CFG, GREEDY, assert_equals_dense, engine, model, prompts
 
 from jaxinfer.config import SamplingConfig
 from jaxinfer.engine import Engine, EngineBusy
 from jaxinfer.generate import Generator
+from jaxinfer.models import init_model
 from jaxinfer.scheduler import UnknownRequest
 
 PS = prompts([3, 17, 1, 40, 9, 33])
@@ -292,3 +294,14 @@ def test_the_folder_stop_list_is_the_default_everywhere(tmp_path):
     (other / "generation_config.json").write_text(json.dumps({"eos_token_id": [first]}))
     res = Generator(load_model(other)).generate([[3, 5, 7]], SamplingConfig(max_new_tokens=8))
     assert res.tokens[0] == [first] and res.finish_reasons == ["stop"]
+
+
+def test_a_request_that_fills_the_context_gets_every_token():
+    """prompt + max_new_tokens == the model's context: every token comes back, engine and generate alike."""
+    short = init_model(dataclasses.replace(CFG, max_position_embeddings=32), seed=1)
+    p = prompts([20], seed=5)[0]
+    c = Engine(short, None, dataclasses.replace(BASE, max_model_len=512)).generate([p], SamplingConfig(max_new_tokens=12))[0]
+    assert c.finish_reason == "length" and len(c.tokens) == 12
+    assert c.tokens == Generator(short).generate([p], SamplingConfig(max_new_tokens=12)).tokens[0]
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        Generator(short).generate([p], SamplingConfig(max_new_tokens=13))

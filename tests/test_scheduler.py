@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from jaxinfer.config import EngineConfig, SamplingConfig
-from jaxinfer.scheduler import PageAllocator, Scheduler, Status
+from jaxinfer import scheduler as scheduler_module
+from jaxinfer.scheduler import PageAllocator, PageKey, Scheduler, Status
 
 
 def check_accounting(s: Scheduler):
@@ -25,7 +26,7 @@ def check_accounting(s: Scheduler):
     held = {p for p in range(a.num_pages) if a.refcount[p] > 0}
     assert not held & (set(free) | set(lru))
     assert held | set(free) | set(lru) == set(range(a.num_pages)), "a page went missing"
-    assert all(a.by_hash[a.hash_of[p]] == p for p in a.hash_of)
+    assert all(a.by_key[a.key_of[p]] == p for p in a.key_of)
 
 
 def fake_step(plan, rng, vocab):
@@ -87,14 +88,31 @@ def test_the_workloads_do_preempt_and_hit_the_prefix_cache():
 def test_allocator_evicts_cached_pages_lru_only_when_free_runs_out():
     a = PageAllocator(3)
     p0, p1 = a.allocate(), a.allocate()
-    a.register(p0, 111)
+    key = PageKey(None, (1, 2))
+    a.register(p0, key)
     a.release(p0)
     a.release(p1)
-    assert list(a.lru) == [p0] and a.lookup(111) == p0 and a.refcount[p0] == 1
+    assert list(a.lru) == [p0] and a.lookup(PageKey(None, (1, 2))) == p0 and a.refcount[p0] == 1
     a.release(p0)
     got = [a.allocate() for _ in range(3)]  # the two free pages first, then the cached one
-    assert got[-1] == p0 and 111 not in a.by_hash and a.allocate() is None
+    assert got[-1] == p0 and key not in a.by_key and a.allocate() is None
     with pytest.raises(AssertionError, match="released twice"):
         a.release(p1)
         a.release(p1)
         a.release(p1)
+
+
+def test_prefix_hits_compare_tokens_not_only_hashes(monkeypatch):
+    """Every page key hashes alike (a forced collision): only the same tokens may hit."""
+    monkeypatch.setattr(scheduler_module, "page_hash", lambda parent, tokens: 0)
+    s = Scheduler(EngineConfig(page_size=4, max_num_seqs=4, max_num_batched_tokens=64, chunk_buckets=(16,)),
+                  num_pages=32, max_model_len=64)
+    first = s.add(list(range(9)), SamplingConfig(max_new_tokens=1))
+    plan = s.schedule()
+    s.update(plan, np.zeros(8, np.int32), np.zeros(8, np.float32))
+    assert first.status == Status.FINISHED and len(s.alloc.by_key) == 2
+    other = s.add(list(range(100, 109)), SamplingConfig(max_new_tokens=1))
+    s.schedule()
+    same = s.add(list(range(9)), SamplingConfig(max_new_tokens=1))
+    s.schedule()
+    assert other.num_cached_tokens == 0 and same.num_cached_tokens == 8
