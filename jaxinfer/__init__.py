@@ -1,18 +1,33 @@
-"""jaxinfer: LLM inference optimization research in JAX/XLA. Public API only."""
+"""jaxinfer: LLM inference optimization research in JAX/XLA. Public API only.
 
-from jaxinfer.checkpoint import load_model, save_converted
-from jaxinfer.compilation import enable_compilation_cache
-from jaxinfer.config import (BenchConfig, DecodeConfig, EngineConfig, ModelConfig, RunConfig, SamplingConfig,
-                             load_config)
-from jaxinfer.engine import Completion, Engine, EngineBusy
-from jaxinfer.generate import GenerationResult, Generator, generate
-from jaxinfer.models import Model, init_model
-from jaxinfer.scheduler import UnknownRequest
-from jaxinfer.tokenizer import load_tokenizer
+Names load on first use (PEP 562), so `import jaxinfer.scheduler` and the other host modules do
+not pull in jax through the package.
+"""
 
-__all__ = [
-    "BenchConfig", "Completion", "DecodeConfig", "Engine", "EngineBusy", "EngineConfig", "GenerationResult",
-    "Generator", "Model", "ModelConfig", "RunConfig", "SamplingConfig", "UnknownRequest", "enable_compilation_cache",
-    "generate", "init_model", "load_config", "load_model", "load_tokenizer", "save_converted",
-]
+import importlib
+
+_HOME = {
+    "load_model": "checkpoint", "save_converted": "checkpoint",
+    "enable_compilation_cache": "compilation",
+    "BenchConfig": "config", "DecodeConfig": "config", "EngineConfig": "config", "ModelConfig": "config",
+    "RunConfig": "config", "SamplingConfig": "config", "SpeculativeConfig": "config", "load_config": "config",
+    "Completion": "engine", "Engine": "engine", "EngineBusy": "engine",
+    "GenerationResult": "generate", "Generator": "generate",  # the function: jaxinfer.generate.generate
+    "Model": "models", "init_model": "models",
+    "UnknownRequest": "scheduler",
+    "load_tokenizer": "tokenizer",
+}
+__all__ = sorted(_HOME)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name not in _HOME:
+        raise AttributeError(f"module 'jaxinfer' has no attribute '{name}'")
+    value = getattr(importlib.import_module(f"jaxinfer.{_HOME[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_HOME))

@@ -112,25 +112,25 @@ def matmul_case(impl, *, m=1, k=4096, n=4096, bits=8, group_size=0, dtype="bfloa
 
 def step_case(model_cfg, attention_impl: str, *, num_decode_rows=8, prefill_rows=1, chunk=64, width=32,
               pages=512, page_size=16, out_rows=16):
-    """The serving step (step.step) at one shape bucket, as (fn, abstract args)."""
+    """The serving step (step.step) at one shape bucket, as (fn, abstract args); the inputs are
+    sized by the step schema (messages)."""
     from jaxinfer.cache import PagedKVCache
+    from jaxinfer.messages import Layout, buffer_sizes
     from jaxinfer.models import abstract_params
-    from jaxinfer.step import FLOAT_FIELDS, INT_FIELDS, step
+    from jaxinfer.step import step
 
     graphdef, params = abstract_params(model_cfg)
     leaves, param_def = jax.tree.flatten(params)
     m = model_cfg
-    n = num_decode_rows + prefill_rows * chunk
-    r = num_decode_rows + prefill_rows
-    num_ints = 4 * n + r * width + (len(INT_FIELDS) - 5) * r
+    layout = Layout(num_decode_rows=num_decode_rows, num_prefill_rows=prefill_rows, chunk=chunk, table_width=width)
+    num_ints, num_floats = buffer_sizes(layout)
     cache_shape = (m.num_layers, m.num_kv_heads, pages, page_size, m.head_dim)
     cache = PagedKVCache(sds(cache_shape, leaves[0].dtype), sds(cache_shape, leaves[0].dtype))
 
     def fn(leaves, cache, ints, floats, prev):
-        return step(graphdef, param_def, leaves, cache, ints, floats, prev, layout=(n, r, width),
-                    num_decode_rows=num_decode_rows, attention_impl=attention_impl)
-    args = [[sds(x.shape, x.dtype) for x in leaves], cache, sds((num_ints,), "int32"),
-            sds((len(FLOAT_FIELDS) * r,), "float32"), sds((out_rows,), "int32")]
+        return step(graphdef, param_def, leaves, cache, ints, floats, prev, layout=layout, attention_impl=attention_impl)
+    args = [[sds(x.shape, x.dtype) for x in leaves], cache, sds((num_ints,), "int32"), sds((num_floats,), "float32"),
+            sds((out_rows,), "int32")]
     return fn, args
 
 

@@ -329,6 +329,29 @@ def build(cfg: RunConfig):
     return model, tok, stops, label
 
 
+def load_draft(cfg: RunConfig, model: Model, tok) -> Model | None:
+    """The draft model of `engine.speculative` (method draft), checked against the target: the same
+    vocabulary size and the same tokenizer, or a CheckpointError saying which differs."""
+    from jaxinfer.tokenizer import load_tokenizer, same_vocabulary
+
+    spec = cfg.engine.speculative
+    if spec.method != "draft":
+        return None
+    path = resolve_path(spec.draft_model)
+    if not path.is_dir():
+        raise CheckpointError(f"engine.speculative.draft_model='{spec.draft_model}': no such folder ({path}); "
+                              "give a checkpoint folder, e.g. package:reference/draft")
+    draft = load_model(path, model.cfg.dtype, model.cfg.scan_layers)
+    if draft.cfg.vocab_size != model.cfg.vocab_size:
+        raise CheckpointError(f"draft model '{spec.draft_model}' has a vocabulary of {draft.cfg.vocab_size} but the "
+                              f"target's is {model.cfg.vocab_size}: a draft must share the target's tokenizer")
+    own = (path / "tokenizer.json").is_file() or (path / "vocab.json").is_file()
+    if not same_vocabulary(load_tokenizer(path if own else "byte"), tok):
+        raise CheckpointError(f"draft model '{spec.draft_model}' has another tokenizer than the target: its token "
+                              "ids would mean other text; use a draft trained with the target's tokenizer")
+    return draft
+
+
 def _hf_inverse(cfg: ModelConfig) -> dict[str, callable]:
     """Our layout -> HF layout, per parameter (one layer at a time for layer params)."""
     D = cfg.hidden_size

@@ -98,6 +98,33 @@ class DecodeConfig:
     length_buckets: tuple[int, ...] = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
 
+SPECULATIVE_METHODS = ("none", "draft", "ngram")
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding: a proposer guesses k tokens per row, one target step verifies them all
+    (exact rejection sampling: greedy output is unchanged, sampled output keeps its distribution)."""
+
+    method: str = "none"  # none | draft (a small model) | ngram (prompt lookup over the request's tokens)
+    num_speculative_tokens: int = 4  # k: drafts per row per step
+    draft_model: str = "package:reference/draft"  # method draft: a checkpoint folder with the target's tokenizer
+    ngram_min: int = 1  # method ngram: the shortest suffix that may match earlier tokens
+    ngram_max: int = 4  # the longest (tried first)
+
+    def __post_init__(self):
+        if self.method not in SPECULATIVE_METHODS:
+            raise ValueError(f"engine.speculative.method='{self.method}': must be one of {', '.join(SPECULATIVE_METHODS)}")
+        _at_least(self, 1, "num_speculative_tokens", "ngram_min")
+        if self.ngram_max < self.ngram_min:
+            raise ValueError(f"engine.speculative.ngram_max={self.ngram_max}: must be >= ngram_min={self.ngram_min}")
+
+    @property
+    def num_drafts(self) -> int:
+        """k, or 0 when speculation is off."""
+        return 0 if self.method == "none" else self.num_speculative_tokens
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """The serving engine: paged KV cache, token budget, shape buckets and the switches that
@@ -122,6 +149,7 @@ class EngineConfig:
     # Engine.records keeps the last max_step_records steps.
     max_finished_requests: int = 1024
     max_step_records: int = 100_000
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
 
     def __post_init__(self):
         _at_least(self, 1, "page_size", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "max_step_records")
@@ -179,7 +207,7 @@ class RunConfig:
 
 def _at_least(cfg, low, *names) -> None:
     """ValueError naming the first field of `cfg` below `low`."""
-    section = {"EngineConfig": "engine", "BenchConfig": "bench"}.get(type(cfg).__name__, type(cfg).__name__)
+    section = {"EngineConfig": "engine", "BenchConfig": "bench", "SpeculativeConfig": "engine.speculative"}.get(type(cfg).__name__, type(cfg).__name__)
     for name in names:
         value = getattr(cfg, name)
         if isinstance(value, (int, float)) and not value >= low:

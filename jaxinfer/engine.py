@@ -29,10 +29,10 @@ from jaxinfer import sharding
 from jaxinfer.cache import PagedKVCache
 from jaxinfer.config import EngineConfig, RunConfig, SamplingConfig
 from jaxinfer.generate import cut_at_stop_string
+from jaxinfer.messages import StepOutput, StepPlan, pack
 from jaxinfer.models import Model, dtype_of
-from jaxinfer.sampling import check_token_ids, validate
-from jaxinfer.scheduler import Request, Scheduler, Status, StepPlan, bucket
-from jaxinfer.step import compile_step, pack, poison_pages
+from jaxinfer.scheduler import Request, Scheduler, Status, bucket, check_token_ids, validate
+from jaxinfer.step import compile_step, poison_pages
 
 
 class EngineBusy(RuntimeError):
@@ -75,6 +75,11 @@ class Completion:
     num_cached_tokens: int
     num_preemptions: int
     seed: int | None = None  # the sampling seed it ran with: pass it back to repeat the request
+    # Speculative decoding: verify steps, drafts proposed and accepted, and accepted per draft position.
+    num_verify_steps: int = 0
+    num_proposed: int = 0
+    num_accepted: int = 0
+    accepted_at: list[int] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -108,10 +113,22 @@ def num_pages_for(cfg: EngineConfig, model: Model, max_model_len: int) -> int:
 
 class Engine:
     def __init__(self, model: Model, tokenizer=None, cfg: EngineConfig = EngineConfig(), stop_ids=None,
-                 clock=time.perf_counter):
+                 clock=time.perf_counter, draft: Model | None = None):
         """stop_ids: default stop ids of every request; None = the model's own (its folder's
-        generation_config.json) and the tokenizer's EOS."""
+        generation_config.json) and the tokenizer's EOS. draft: the draft model of
+        `engine.speculative.method: draft` (Engine.from_config loads engine.speculative.draft_model)."""
         self.model, self.tokenizer, self.cfg, self.clock = model, tokenizer, cfg, clock
+        self.num_drafts = cfg.speculative.num_drafts
+        if cfg.speculative.method == "draft" and draft is None:
+            raise ValueError("engine.speculative.method='draft' needs a draft model: Engine(..., draft=model), or "
+                             "Engine.from_config, which loads engine.speculative.draft_model")
+        if draft is not None and cfg.speculative.method != "draft":
+            raise ValueError(f"a draft model was given but engine.speculative.method='{cfg.speculative.method}'; "
+                             "set it to 'draft'")
+        if draft is not None and draft.cfg.vocab_size != model.cfg.vocab_size:
+            raise ValueError(f"the draft model's vocabulary ({draft.cfg.vocab_size}) differs from the target's "
+                             f"({model.cfg.vocab_size}): a draft must share the target's tokenizer")
+        self.draft = draft
         self.default_stop_ids = tuple(dict.fromkeys(
             model.cfg.stop_ids + (tuple(tokenizer.eos_ids) if tokenizer else ()))) if stop_ids is None else tuple(stop_ids)
         self.max_model_len = min(cfg.max_model_len, model.cfg.max_position_embeddings)
@@ -121,28 +138,34 @@ class Engine:
                              "the cache needs at least one; raise it or set engine.num_pages")
         self.num_pages = num_pages
         self.params, self.mesh, self._out_shardings, self._batch_sharding = model.params, None, None, None
+        self.draft_params = None if draft is None else draft.params
         if tuple(cfg.mesh) != (1, 1):
             self.mesh = sharding.make_mesh(*cfg.mesh)
             self.params = jax.device_put(model.params, sharding.param_shardings(model.params, self.mesh))
-            cache_s = sharding.cache_sharding(self._zero_cache(), self.mesh)
-            self._batch_sharding = sharding.replicated(self.mesh)
-            self._out_shardings = (cache_s, self._batch_sharding, self._batch_sharding)
+            rep = self._batch_sharding = sharding.replicated(self.mesh)
+            draft_s = None
+            if draft is not None:
+                self.draft_params = jax.device_put(draft.params, sharding.param_shardings(draft.params, self.mesh))
+                draft_s = (sharding.cache_sharding(self._zero_cache(draft), self.mesh), rep)
+            self._out_shardings = (sharding.cache_sharding(self._zero_cache(), self.mesh), draft_s, rep, rep, rep, rep, rep)
         self.scheduler = Scheduler(cfg, num_pages, self.max_model_len, clock)
         self.num_out_rows = max(cfg.decode_row_buckets) + max(cfg.prefill_row_buckets)
         self._init_device_state()
         self._param_leaves, self._param_def = jax.tree.flatten(self.params)
-        self._steps: dict[int, object] = {}
-        self._inflight: collections.deque[tuple[StepPlan, jax.Array, jax.Array]] = collections.deque()
+        self._draft_leaves, self._draft_def = (None, None) if draft is None else jax.tree.flatten(self.draft_params)
+        self._step = compile_step(self.model.graphdef, self._param_def, cfg.attention_impl, self._out_shardings,
+                                  None if draft is None else draft.graphdef, self._draft_def)
+        self._inflight: collections.deque[tuple[StepPlan, tuple]] = collections.deque()
         self.records: collections.deque[StepRecord] = collections.deque(maxlen=cfg.max_step_records)
         self._lock = threading.RLock()  # the scheduler's state: any thread
         self._stepping = threading.Lock()  # one stepping thread at a time
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> "Engine":
-        from jaxinfer.checkpoint import build
+        from jaxinfer.checkpoint import build, load_draft
 
         model, tok, stops, _ = build(cfg)
-        return cls(model, tok, cfg.engine, stops)
+        return cls(model, tok, cfg.engine, stops, draft=load_draft(cfg, model, tok))
 
     # ---- requests -------------------------------------------------------------------------------
     def _prepare(self, prompt: str | list[int], sampling: SamplingConfig, stop_ids, what: str = "prompt"):
@@ -178,24 +201,19 @@ class Engine:
         return self.scheduler.has_work() or bool(self._inflight)
 
     # ---- the loop -------------------------------------------------------------------------------
-    def _step_fn(self, num_decode_rows: int):
-        if num_decode_rows not in self._steps:
-            self._steps[num_decode_rows] = compile_step(self.model.graphdef, self._param_def, num_decode_rows,
-                                                        self.cfg.attention_impl, self._out_shardings)
-        return self._steps[num_decode_rows]
-
     def _dispatch(self, plan: StepPlan):
-        ints, floats, layout = pack(plan.arrays)
-        ints, floats = jax.device_put((ints, floats), self._batch_sharding)
+        ints, floats = jax.device_put(pack(plan.arrays, plan.layout), self._batch_sharding)
         if self.cfg.debug_poison_freed_pages and plan.freed_pages:
             pages = np.full(bucket(len(plan.freed_pages), (2 ** i for i in range(31)), "pages"),
                             self.cache.num_pages, np.int32)
             pages[: len(plan.freed_pages)] = plan.freed_pages
             self.cache = poison_pages(self.cache, pages)
-        self.cache, tokens, logprobs = self._step_fn(plan.num_decode_rows)(
-            self._param_leaves, self.cache, ints, floats, self._prev, layout=layout)
-        self._prev = tokens
-        return plan, tokens, logprobs
+            if self._draft_state is not None:
+                self._draft_state = (poison_pages(self._draft_state[0], pages), self._draft_state[1])
+        self.cache, self._draft_state, self._prev, *out = self._step(
+            self._param_leaves, self.cache, ints, floats, self._prev, self._draft_leaves, self._draft_state,
+            layout=plan.layout)
+        return plan, tuple(out)
 
     def _launch(self, plan: StepPlan) -> None:
         try:
@@ -209,23 +227,24 @@ class Engine:
     def _collect(self) -> tuple[list[Request], float]:
         """Reads the oldest launched step and hands its tokens to the scheduler. The wait is the
         one place an interrupt lands: the step stays queued and the next call reads it."""
-        plan, tokens, logprobs = self._inflight[0]
+        plan, out = self._inflight[0]
         t0 = self.clock()
         try:
-            tokens, logprobs = self._read(tokens, logprobs)
+            tokens, num_new, logprobs, drafts = self._read(*out)
         except Exception:  # the device step failed: its outputs, the cache included, are lost
             with self._lock, interrupts_held():
                 self._reset_device_state()
             raise
         wait = self.clock() - t0
         with self._lock, interrupts_held():
-            touched = self.scheduler.update(plan, tokens, logprobs)
+            touched = self.scheduler.update(plan, StepOutput(tokens, num_new, logprobs,
+                                                             drafts if self.draft is not None else None))
             self._inflight.popleft()
             self._check_stop_strings(touched)
         return touched, wait
 
-    def _zero_cache(self) -> PagedKVCache:
-        m = self.model.cfg
+    def _zero_cache(self, model: Model | None = None) -> PagedKVCache:
+        m = (model or self.model).cfg
         return PagedKVCache.zeros(m.num_layers, m.num_kv_heads, self.num_pages, self.cfg.page_size, m.head_dim,
                                   dtype_of(m.dtype))
 
@@ -234,6 +253,11 @@ class Engine:
         cache = self._zero_cache()
         self.cache = cache if self.mesh is None else jax.device_put(cache, self._out_shardings[0])
         self._prev = jax.device_put(jnp.zeros(self.num_out_rows, jnp.int32), self._batch_sharding)
+        self._draft_state = None
+        if self.draft is not None:  # its cache, and the probabilities of the last proposals [Rmax, k, V]
+            state = (self._zero_cache(self.draft),
+                     jnp.zeros((self.num_out_rows, self.num_drafts, self.model.cfg.vocab_size), jnp.float32))
+            self._draft_state = state if self.mesh is None else jax.device_put(state, self._out_shardings[1])
 
     @staticmethod
     def _read(*arrays) -> tuple[np.ndarray, ...]:
@@ -266,7 +290,8 @@ class Engine:
                 if plan is not None:
                     self._launch(plan)
             touched, wait = [], 0.0
-            keep = 1 if self.cfg.async_scheduling and plan is not None else 0
+            # Speculative rows need the step's accepted count before the next plan: no read-behind.
+            keep = 1 if self.cfg.async_scheduling and plan is not None and not self.num_drafts else 0
             while len(self._inflight) > keep:
                 got, waited = self._collect()
                 touched, wait = touched + got, wait + waited
@@ -349,4 +374,4 @@ class Engine:
         return Completion(r.id, r.prompt, list(r.output), text, r.finish_reason,
                           list(r.logprobs) if r.sampling.logprobs else None, r.error, r.arrival,
                           r.scheduled_time, list(r.token_times), r.num_cached_tokens, r.num_preemptions,
-                          r.sampling.seed)
+                          r.sampling.seed, r.num_verify_steps, r.num_proposed, r.num_accepted, list(r.accepted_at))

@@ -21,8 +21,8 @@ from flax import nnx
 from jaxinfer.cache import DenseKVCache
 from jaxinfer.config import DecodeConfig, SamplingConfig
 from jaxinfer.models import Model, dtype_of
-from jaxinfer.sampling import SamplingParams, check_token_ids, sample, validate
-from jaxinfer.scheduler import bucket
+from jaxinfer.sampling import SamplingParams, sample
+from jaxinfer.scheduler import bucket, check_token_ids, validate
 
 TRACES: collections.Counter = collections.Counter()  # python traces per function (tests count them)
 PAD = -1

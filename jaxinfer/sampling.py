@@ -1,14 +1,15 @@
-"""Per-row sampling: greedy, temperature, top-k, top-p, min-p, with one key per row per step.
+"""Per-row sampling: greedy, temperature, top-k, top-p, min-p, with one key per row per step, and
+the exact acceptance rule of speculative decoding over the same processed distributions.
 
 Every knob is a per-row array (never static), so a batch mixes greedy and sampled requests
-without recompiling. Row keys are `fold_in(key(seed), step)`: a request's tokens depend on its
-own seed and position only, never on what else is in the batch.
+without recompiling. Row keys are `fold_in(key(seed), index)` (index: the output token's number),
+folded once more with a purpose in speculative decoding (1 acceptance, 2 correction or bonus,
+3 draft): a request's tokens depend on its own seed and positions only, never on its batch.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
@@ -16,41 +17,6 @@ import numpy as np
 
 from jaxinfer.config import SamplingConfig
 from jaxinfer.scheduler import PAD_ROW
-
-
-def validate(s: SamplingConfig) -> SamplingConfig:
-    """Raises ValueError naming the field, the value and the allowed range."""
-
-    def bad(field, why):
-        raise ValueError(f"sampling.{field}={getattr(s, field)!r}: {why}")
-
-    if not isinstance(s.max_new_tokens, int) or s.max_new_tokens <= 0:
-        bad("max_new_tokens", "must be a positive integer (number of tokens to generate)")
-    if not math.isfinite(s.temperature) or s.temperature < 0:
-        bad("temperature", "must be finite and >= 0 (0 means greedy)")
-    if s.top_k < 0:
-        bad("top_k", "must be >= 0 (0 disables top-k)")
-    if not math.isfinite(s.top_p) or not 0 < s.top_p <= 1:
-        bad("top_p", "must be in (0, 1] (1 disables top-p)")
-    if not math.isfinite(s.min_p) or not 0 <= s.min_p <= 1:
-        bad("min_p", "must be in [0, 1] (0 disables min-p)")
-    if s.seed is not None and not 0 <= s.seed < 2**32:
-        bad("seed", "must be in [0, 2**32), or None for a fresh seed per request")
-    if isinstance(s.stop, str) or not all(isinstance(x, str) for x in s.stop):
-        bad("stop", "must be a list of strings")
-    if any(x == "" for x in s.stop):
-        bad("stop", "an empty stop string would end every request after its first token; remove it")
-    return s
-
-
-def check_token_ids(ids, vocab_size: int, what: str = "prompt") -> list[int]:
-    """The ids as ints, or ValueError naming the first id outside [0, vocab_size) and its position."""
-    ids = [int(i) for i in ids]
-    for pos, i in enumerate(ids):
-        if not 0 <= i < vocab_size:
-            raise ValueError(f"{what}: token id {i} at position {pos} is outside the vocabulary [0, {vocab_size}); "
-                             "ids must come from this model's tokenizer")
-    return ids
 
 
 @jax.tree_util.register_dataclass
@@ -110,11 +76,77 @@ def sample(logits, p: SamplingParams, step):
     """
 
     def draw(_):
-        keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(p.seed, step)
-        drawn = jax.vmap(jax.random.categorical)(keys, allowed_logits(logits, p))
+        drawn = jax.vmap(jax.random.categorical)(row_keys(p.seed, step), allowed_logits(logits, p))
         return jnp.where(p.temperature > 0, drawn, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
 
     greedy = lambda _: jnp.argmax(logits, axis=-1).astype(jnp.int32)  # noqa: E731
     tokens = jax.lax.cond(jnp.any(p.temperature > 0), draw, greedy, None)
     logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=-1)[:, 0]
     return tokens, logprobs
+
+
+def row_keys(seed, index, purpose: int | None = None):
+    """One key per row: fold_in(key(seed), index), then fold_in(purpose) if given. seed, index: [B]."""
+    def one(s, i):
+        key = jax.random.fold_in(jax.random.key(s), i)
+        return key if purpose is None else jax.random.fold_in(key, purpose)
+    return jax.vmap(one)(seed, index)
+
+
+def processed_probs(logits, p: SamplingParams):
+    """logits [B, V] -> the distribution a row samples from [B, V]: temperature, top-k, top-p and
+    min-p applied; a greedy row's is one-hot at the argmax."""
+    onehot = jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.float32)
+
+    def full(_):
+        probs = jax.nn.softmax(allowed_logits(logits, p), axis=-1)
+        return jnp.where((p.temperature > 0)[:, None], probs, onehot)
+    return jax.lax.cond(jnp.any(p.temperature > 0), full, lambda _: onehot, None)
+
+
+def draw(logits, probs, p: SamplingParams, index, purpose: int):
+    """One token per row from `probs` [B, V] (greedy rows: the argmax of `logits`)."""
+    drawn = jax.vmap(jax.random.categorical)(row_keys(p.seed, index, purpose), jnp.log(probs))
+    return jnp.where(p.temperature > 0, drawn, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
+
+
+def verify(logits, drafts, q, p: SamplingParams, step):
+    """Speculative acceptance, exact (Leviathan et al. 2023; Chen et al. 2023), on the processed
+    distributions: draft j is kept with probability min(1, p_j(d) / q_j(d)); the first rejected
+    one is replaced by a draw from norm(max(0, p_j - q_j)); if all k are kept, a bonus token is
+    drawn from p_k. The output is then distributed exactly as plain sampling from p.
+
+    logits [B, k+1, V]: the target's at the row's last token and its k drafts; drafts [B, k];
+    q [B, k, V]: the distributions the drafts were drawn from (one-hot for deterministic drafts:
+    greedy or n-gram); step [B]: the output index of the first new token.
+    -> (tokens [B, k+1]: the kept drafts then the correction or bonus token, zero after;
+        num_new [B] in 1..k+1; logprobs [B, k+1] of the model's own distribution)."""
+    b, s, v = logits.shape
+    k = s - 1
+    ar = jnp.arange(s)
+
+    def greedy(_):
+        target = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B, k+1]
+        n = jnp.cumprod(drafts == target[:, :k], axis=1).sum(axis=1)
+        return n, jnp.take_along_axis(target, n[:, None], axis=1)[:, 0]
+
+    def sampled(_):
+        rep = jax.tree.map(lambda x: jnp.repeat(x, s), p)
+        probs = processed_probs(logits.reshape(b * s, v), rep).reshape(b, s, v)
+        p_d = jnp.take_along_axis(probs[:, :k], drafts[..., None], axis=-1)[..., 0]
+        q_d = jnp.take_along_axis(q, drafts[..., None], axis=-1)[..., 0]
+        index = (step[:, None] + ar[None, :k]).reshape(-1)
+        u = jax.vmap(jax.random.uniform)(row_keys(jnp.repeat(p.seed, k), index, 1)).reshape(b, k)
+        n = jnp.cumprod(u * q_d < p_d, axis=1).sum(axis=1)  # u < p/q without dividing by q = 0
+        p_n = jnp.take_along_axis(probs, n[:, None, None], axis=1)[:, 0]  # [B, V]
+        q_n = jnp.take_along_axis(q, jnp.minimum(n, k - 1)[:, None, None], axis=1)[:, 0]
+        resid = jnp.maximum(p_n - jnp.where((n < k)[:, None], q_n, 0.0), 0.0)
+        resid = jnp.where(resid.sum(-1, keepdims=True) > 0, resid, p_n)  # rounding left nothing: p itself
+        logits_n = jnp.take_along_axis(logits, n[:, None, None], axis=1)[:, 0]
+        return n, draw(logits_n, resid, p, step + n, purpose=2)
+
+    n, last = jax.lax.cond(jnp.any(p.temperature > 0), sampled, greedy, None)
+    tokens = jnp.where(ar < n[:, None], jnp.pad(drafts, ((0, 0), (0, 1))), 0)
+    tokens = jnp.where(ar == n[:, None], last[:, None], tokens).astype(jnp.int32)
+    logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[..., None], axis=-1)[..., 0]
+    return tokens, n + 1, jnp.where(ar <= n[:, None], logprobs, 0.0)

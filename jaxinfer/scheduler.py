@@ -13,13 +13,51 @@ import collections
 import dataclasses
 import enum
 import itertools
+import math
 import time
 
 import numpy as np
 
 from jaxinfer.config import EngineConfig, SamplingConfig
+from jaxinfer.drafters import ngram_propose
+from jaxinfer.messages import SAMPLING_FIELDS, Layout, RowPlan, StepOutput, StepPlan, empty_arrays
 
 PAD_ROW = SamplingConfig(seed=0)  # what padding rows sample with (greedy; their tokens are dropped)
+
+
+def validate(s: SamplingConfig) -> SamplingConfig:
+    """Raises ValueError naming the field, the value and the allowed range."""
+
+    def bad(field, why):
+        raise ValueError(f"sampling.{field}={getattr(s, field)!r}: {why}")
+
+    if not isinstance(s.max_new_tokens, int) or s.max_new_tokens <= 0:
+        bad("max_new_tokens", "must be a positive integer (number of tokens to generate)")
+    if not math.isfinite(s.temperature) or s.temperature < 0:
+        bad("temperature", "must be finite and >= 0 (0 means greedy)")
+    if s.top_k < 0:
+        bad("top_k", "must be >= 0 (0 disables top-k)")
+    if not math.isfinite(s.top_p) or not 0 < s.top_p <= 1:
+        bad("top_p", "must be in (0, 1] (1 disables top-p)")
+    if not math.isfinite(s.min_p) or not 0 <= s.min_p <= 1:
+        bad("min_p", "must be in [0, 1] (0 disables min-p)")
+    if s.seed is not None and not 0 <= s.seed < 2**32:
+        bad("seed", "must be in [0, 2**32), or None for a fresh seed per request")
+    if isinstance(s.stop, str) or not all(isinstance(x, str) for x in s.stop):
+        bad("stop", "must be a list of strings")
+    if any(x == "" for x in s.stop):
+        bad("stop", "an empty stop string would end every request after its first token; remove it")
+    return s
+
+
+def check_token_ids(ids, vocab_size: int, what: str = "prompt") -> list[int]:
+    """The ids as ints, or ValueError naming the first id outside [0, vocab_size) and its position."""
+    ids = [int(i) for i in ids]
+    for pos, i in enumerate(ids):
+        if not 0 <= i < vocab_size:
+            raise ValueError(f"{what}: token id {i} at position {pos} is outside the vocabulary [0, {vocab_size}); "
+                             "ids must come from this model's tokenizer")
+    return ids
 
 
 class UnknownRequest(KeyError):
@@ -65,6 +103,14 @@ class Request:
     num_preemptions: int = 0
     known: list[int] = dataclasses.field(default_factory=list)  # prompt + output, kept in step
     keep: bool = False  # its owner (Engine.generate/stream) releases it: never dropped unread
+    # Speculative decoding: the draft model's proposals from step `drafts_step` (row `draft_row`).
+    drafts: list[int] = dataclasses.field(default_factory=list)
+    drafts_step: int = -1
+    draft_row: int = -1
+    num_verify_steps: int = 0
+    num_proposed: int = 0
+    num_accepted: int = 0
+    accepted_at: list[int] = dataclasses.field(default_factory=list)  # [k]: drafts kept at position j
 
     def __post_init__(self):
         self.known = self.prompt + self.output
@@ -167,18 +213,6 @@ def bucket(n: int, buckets, what: str) -> int:
     raise ValueError(f"{what}={n} exceeds the largest bucket {buckets[-1]}; add a larger one to the config's buckets")
 
 
-@dataclasses.dataclass
-class StepPlan:
-    """What one step computes: numpy arrays for the device, and which request each row serves."""
-
-    step_id: int
-    num_decode_rows: int  # Bd (bucketed): rows [0, Bd) have one token each
-    arrays: dict[str, np.ndarray]
-    rows: list[tuple[Request, int, bool]]  # (request, row index, samples a token)
-    num_tokens: int  # real tokens scheduled
-    freed_pages: list[int]
-
-
 class Scheduler:
     def __init__(self, cfg: EngineConfig, num_pages: int, max_model_len: int, clock=time.perf_counter):
         self.cfg = cfg
@@ -192,6 +226,7 @@ class Scheduler:
         self.chunk_size = max(cfg.chunk_buckets)
         self.max_prefill_rows = max(cfg.prefill_row_buckets)
         self.max_rows = min(cfg.max_num_seqs, max(cfg.decode_row_buckets))  # all rows may be decodes
+        self.num_drafts = cfg.speculative.num_drafts  # k (0: no speculation)
         self.alloc = PageAllocator(num_pages, cfg.prefix_caching)
         self.clock = clock
         self.waiting: collections.deque[Request] = collections.deque()
@@ -282,7 +317,7 @@ class Scheduler:
     def _release(self, req: Request) -> None:
         for page in reversed(req.pages):  # tail first: LRU evicts a prefix's end before its start
             self.alloc.release(page)
-        req.pages, req.page_keys, req.num_computed = [], [], 0
+        req.pages, req.page_keys, req.num_computed, req.drafts = [], [], 0, []
 
     # ---- pages ------------------------------------------------------------------------------
     def _grow(self, req: Request, num_positions: int) -> bool:
@@ -315,10 +350,13 @@ class Scheduler:
             req.page_keys.append(key)
         req.num_computed = len(req.pages) * c
 
-    def requeue(self, plan: "StepPlan") -> None:
+    def requeue(self, plan: StepPlan) -> None:
         """Undoes a plan whose step never ran (its dispatch failed or was interrupted): every
         request it served goes back to the queue to recompute, keeping all it had produced."""
-        for req, _, _ in plan.rows:
+        for rp in plan.rows:
+            req = self.requests.get(rp.request_id)
+            if req is None:
+                continue
             req.pending = collections.deque(p for p in req.pending if p[0] != plan.step_id)
             if req.status == Status.RUNNING:
                 self._preempt(req, count=False)
@@ -341,20 +379,45 @@ class Scheduler:
         self.waiting.appendleft(victim)
 
     # ---- policy -----------------------------------------------------------------------------
+    def _drafts_for(self, req: Request, step_id: int) -> list[int] | None:
+        """k drafts to verify this step, or None (decode one token): the draft model's from the
+        step just read, or an n-gram match; never past the context or the request's last token."""
+        spec, k = self.cfg.speculative, self.num_drafts
+        if (not k or req.pending or len(req.known) + k > self.max_model_len
+                or req.sampling.max_new_tokens - req.num_generated < 2):
+            return None
+        if spec.method == "draft":
+            return req.drafts if req.drafts and req.drafts_step == step_id - 1 else None
+        return ngram_propose(req.known, k, spec.ngram_min, spec.ngram_max)
+
+    def _room(self, req: Request, n: int, verify: bool) -> int:
+        """Positions the row's pages must cover: its n tokens, and with a draft model the k
+        proposals after its last new token (at most k + 1 past a verify row's start)."""
+        need = req.num_computed + n
+        if self.num_drafts and self.cfg.speculative.method == "draft":
+            need = req.num_computed + (2 * self.num_drafts + 1 if verify else n + self.num_drafts)
+        return min(need, self.max_pages_per_seq * self.page_size)
+
     def schedule(self) -> StepPlan | None:
-        """Picks rows under the token budget: running requests first (decodes and continuing
-        prefills, in admission order), then waiting ones (FCFS) while budget and pages last."""
+        """Picks rows under the token budget: running requests first (decodes, verifies and
+        continuing prefills, in admission order), then waiting ones (FCFS) while budget and pages last."""
         budget = self.cfg.max_num_batched_tokens
-        rows: list[tuple[Request, int]] = []  # (request, tokens this step)
+        step_id = next(self.step_ids)
+        rows: list[tuple[Request, int, list[int] | None]] = []  # (request, tokens this step, drafts)
         num_prefill = 0
         preempted = False
         for req in list(self.running):
             if req.status != Status.RUNNING or req.num_generated >= req.sampling.max_new_tokens:
                 continue
             n = min(req.num_tokens - req.num_computed, budget, self.chunk_size)
-            if n <= 0 or len(rows) >= self.max_rows or (n > 1 and num_prefill >= self.max_prefill_rows):
+            drafts = self._drafts_for(req, step_id) if n == 1 else None
+            if drafts is not None and budget >= len(drafts) + 1:
+                n = len(drafts) + 1
+            else:
+                drafts = None
+            if n <= 0 or len(rows) >= self.max_rows or (n > 1 and not drafts and num_prefill >= self.max_prefill_rows):
                 continue
-            while not self._grow(req, req.num_computed + n):
+            while not self._grow(req, self._room(req, n, drafts is not None)):
                 victim = self.running[-1]
                 self._preempt(victim)
                 preempted = True
@@ -362,8 +425,8 @@ class Scheduler:
                     break
             if req.status != Status.RUNNING:
                 continue
-            rows.append((req, n))
-            num_prefill += n > 1
+            rows.append((req, n, drafts))
+            num_prefill += n > 1 and not drafts
             budget -= n
         while self.waiting and not preempted and budget > 0 and len(rows) < self.max_rows:
             req = self.waiting[0]
@@ -371,7 +434,7 @@ class Scheduler:
                 break
             self._prefix_hits(req)
             n = min(len(req.known) - req.num_computed, budget, self.chunk_size)
-            if (n > 1 and num_prefill >= self.max_prefill_rows) or not self._grow(req, req.num_computed + n):
+            if (n > 1 and num_prefill >= self.max_prefill_rows) or not self._grow(req, self._room(req, n, False)):
                 self._release(req)
                 break
             self.waiting.popleft()
@@ -380,84 +443,112 @@ class Scheduler:
                 req.scheduled_time = self.clock()
                 req.num_cached_tokens = req.num_computed
             self.running.append(req)
-            rows.append((req, n))
+            rows.append((req, n, None))
             num_prefill += n > 1
             budget -= n
-        return self._plan(rows) if rows else None
+        return self._plan(step_id, rows) if rows else None
 
-    def _plan(self, rows: list[tuple[Request, int]]) -> StepPlan:
-        cfg, c = self.cfg, self.page_size
+    def _plan(self, step_id: int, rows: list[tuple[Request, int, list[int] | None]]) -> StepPlan:
+        cfg, c, k = self.cfg, self.page_size, self.num_drafts
         decode = [r for r in rows if r[1] == 1]
-        prefill = [r for r in rows if r[1] > 1]
-        bd = bucket(len(decode), cfg.decode_row_buckets, "decode rows")
-        bp = bucket(len(prefill), cfg.prefill_row_buckets, "prefill rows")
-        tp = bucket(max((n for _, n in prefill), default=0), cfg.chunk_buckets, "chunk") if prefill else 0
-        num_rows, num_tokens = bd + bp, bd + bp * tp
-        pad_slot = self.alloc.num_pages * c
-        a = {
-            "tokens": np.zeros(num_tokens, np.int32), "positions": np.zeros(num_tokens, np.int32),
-            "slots": np.full(num_tokens, pad_slot, np.int32), "prev_index": np.full(num_tokens, -1, np.int32),
-            "block_table": np.zeros((num_rows, bucket(max(len(r.pages) for r, _ in rows), self.table_buckets,
-                                                      "pages per row")), np.int32),
-            "kv_lens": np.zeros(num_rows, np.int32), "logits_index": np.zeros(num_rows, np.int32),
-            "sample_step": np.zeros(num_rows, np.int32),
-        }
-        knobs = ("temperature", "top_k", "top_p", "min_p", "seed")
-        samp = {k: [getattr(PAD_ROW, k)] * num_rows for k in knobs}  # padding rows: greedy
-        step_id = next(self.step_ids)
+        verify = [r for r in rows if r[2] is not None]
+        prefill = [r for r in rows if r[1] > 1 and r[2] is None]
+        tp = bucket(max(n for _, n, _ in prefill), cfg.chunk_buckets, "chunk") if prefill else 0
+        layout = Layout(
+            num_decode_rows=bucket(len(decode), cfg.decode_row_buckets, "decode rows"),
+            num_verify_rows=bucket(len(verify), cfg.decode_row_buckets, "verify rows") if verify else 0,
+            num_prefill_rows=bucket(len(prefill), cfg.prefill_row_buckets, "prefill rows"), chunk=tp,
+            table_width=bucket(max(len(r.pages) for r, _, _ in rows), self.table_buckets, "pages per row"),
+            num_drafts=k, propose=k > 0 and cfg.speculative.method == "draft")
+        a = empty_arrays(layout, pad_slot=self.alloc.num_pages * c)
         placed = []
-        starts = list(range(len(decode))) + [bd + j * tp for j in range(len(prefill))]
-        row_ids = list(range(len(decode))) + [bd + j for j in range(len(prefill))]
-        for (req, n), row, first in zip(decode + prefill, row_ids, starts):
-            start, known = req.num_computed, req.known
-            pos = np.arange(start, start + n)
-            a["positions"][first:first + n] = pos
-            a["slots"][first:first + n] = np.asarray(req.pages)[pos // c] * c + pos % c
-            have = max(0, min(n, len(known) - start))  # tokens known on the host
-            a["tokens"][first:first + have] = known[start:start + have]
-            if have < n:  # only a decode row's one token can be in flight: last step sampled it
-                a["prev_index"][first + have] = req.pending[-1][1]
-            a["block_table"][row, : len(req.pages)] = req.pages
-            a["kv_lens"][row] = start + n
-            a["logits_index"][row] = first + n - 1
-            a["sample_step"][row] = req.num_generated
-            for k in knobs:
-                samp[k][row] = getattr(req.sampling, k)
-            req.num_computed = start + n
-            samples = req.num_computed == req.num_tokens
-            if samples:
-                req.pending.append((step_id, row))
-            placed.append((req, row, samples))
-        a |= {"temperature": np.asarray(samp["temperature"], np.float32),
-              "top_k": np.asarray(samp["top_k"], np.int32), "top_p": np.asarray(samp["top_p"], np.float32),
-              "min_p": np.asarray(samp["min_p"], np.float32), "seed": np.asarray(samp["seed"], np.uint32)}
+        for group, members in zip(("decode", "verify", "prefill"), (decode, verify, prefill)):
+            g = next((g for g in layout.groups if g.name == group), None)
+            for j, (req, n, drafts) in enumerate(members):
+                row, first = g.first_row + j, g.first_token + j * g.query_len
+                placed.append(self._place(a, req, n, drafts, row, first, step_id))
         freed, self.alloc.newly_freed = self.alloc.newly_freed, []
-        return StepPlan(step_id, bd, a, placed, sum(n for _, n in rows), freed)
+        return StepPlan(step_id, layout, a, placed, sum(n for _, n, _ in rows), freed)
 
-    def update(self, plan: StepPlan, tokens: np.ndarray, logprobs: np.ndarray) -> list[Request]:
-        """Takes a finished step's sampled tokens; returns the requests that got a token."""
+    def _place(self, a: dict, req: Request, n: int, drafts, row: int, first: int, step_id: int) -> RowPlan:
+        """Writes one row's entries into the plan's arrays."""
+        c = self.page_size
+        start, known = req.num_computed, req.known
+        pos = np.arange(start, start + n)
+        a["positions"][first:first + n] = pos
+        a["slots"][first:first + n] = np.asarray(req.pages)[pos // c] * c + pos % c
+        have = max(0, min(n, len(known) - start))  # tokens known on the host
+        a["tokens"][first:first + have] = known[start:start + have]
+        if drafts is not None:
+            a["tokens"][first + 1:first + n] = drafts
+            a["draft_src"][row] = req.draft_row if self.cfg.speculative.method == "draft" else -1
+        elif have < n:  # only a decode row's one token can be in flight: last step sampled it
+            a["prev_index"][first + have] = req.pending[-1][1]
+        a["block_table"][row, : len(req.pages)] = req.pages
+        a["num_row_pages"][row] = len(req.pages)
+        a["kv_lens"][row] = start + n
+        a["logits_index"][row] = first if drafts is not None else first + n - 1
+        a["sample_step"][row] = req.num_generated
+        for key in SAMPLING_FIELDS:
+            a[key][row] = getattr(req.sampling, key)
+        req.num_computed = start + n
+        samples = drafts is not None or req.num_computed == req.num_tokens
+        if samples:
+            req.pending.append((step_id, row))
+        return RowPlan(req.id, row, samples, 0 if drafts is None else len(drafts))
+
+    def update(self, plan: StepPlan, out: StepOutput) -> list[Request]:
+        """Takes a finished step's results (1..k+1 tokens per sampling row); returns the requests
+        that got tokens."""
         now = self.clock()
         touched = []
-        for req, row, samples in plan.rows:
-            if req.status == Status.FINISHED or not samples:
+        for rp in plan.rows:
+            req = self.requests.get(rp.request_id)
+            if req is None or req.status == Status.FINISHED:
+                continue
+            if not rp.samples:
                 if req.status == Status.RUNNING:
                     self._register_full_pages(req)
                 continue
-            assert req.pending and req.pending[0] == (plan.step_id, row), (req.id, req.pending, plan.step_id, row)
+            assert req.pending and req.pending[0] == (plan.step_id, rp.row), (req.id, req.pending, plan.step_id, rp.row)
             req.pending.popleft()
-            tok = int(tokens[row])
-            req.output.append(tok)
-            req.known.append(tok)
-            req.logprobs.append(float(logprobs[row]))
-            req.token_times.append(now)
+            n = int(out.num_new[rp.row])
+            if rp.num_drafts:  # rejected drafts' positions are simply overwritten later
+                req.num_computed -= rp.num_drafts + 1 - n
+                req.num_verify_steps += 1
+                req.num_proposed += rp.num_drafts
+                req.num_accepted += n - 1
+                req.accepted_at = (req.accepted_at or [0] * rp.num_drafts)
+                for j in range(n - 1):
+                    req.accepted_at[j] += 1
+            if out.drafts is not None:
+                req.drafts, req.drafts_step, req.draft_row = out.drafts[rp.row].tolist(), plan.step_id, rp.row
             touched.append(req)
-            if req.status == Status.RUNNING:  # before finishing: its pages serve later prefixes
-                self._register_full_pages(req)
-            if tok in req.stop_ids:
-                self._finish(req, "stop")
-            elif len(req.output) >= req.sampling.max_new_tokens or len(req.known) >= self.max_model_len:
-                self._finish(req, "length")
+            for j in range(n):
+                self._append(req, int(out.tokens[rp.row, j]), float(out.logprobs[rp.row, j]), now)
+                if req.status == Status.FINISHED:
+                    break
+            if req.status == Status.RUNNING and self.num_drafts:
+                self._trim(req)
         return touched
+
+    def _append(self, req: Request, tok: int, logprob: float, now: float) -> None:
+        req.output.append(tok)
+        req.known.append(tok)
+        req.logprobs.append(logprob)
+        req.token_times.append(now)
+        if req.status == Status.RUNNING:  # before finishing: its pages serve later prefixes
+            self._register_full_pages(req)
+        if tok in req.stop_ids:
+            self._finish(req, "stop")
+        elif len(req.output) >= req.sampling.max_new_tokens or len(req.known) >= self.max_model_len:
+            self._finish(req, "length")
+
+    def _trim(self, req: Request) -> None:
+        """Frees pages wholly past the last known token (they held rejected drafts or proposals)."""
+        keep = -(-len(req.known) // self.page_size)
+        while len(req.pages) > keep:
+            self.alloc.release(req.pages.pop())
 
     def finish(self, request_id: str, reason: str) -> None:
         """Ends a request from outside the policy (e.g. a stop string matched by the engine)."""

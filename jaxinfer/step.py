@@ -1,10 +1,13 @@
-"""The jitted serving step: any mix of decode rows and prefill chunks over the paged KV cache.
+"""The jitted serving step: any mix of decode rows, verify rows and prefill chunks over the paged KV cache.
 
-Tokens are flat: `num_decode_rows` rows of one token, then prefill rows of `Tp` tokens each (a
-chunk shorter than Tp is padded; padding writes go to slot P * C and are dropped). All token-wise
-work (projections, MLP) runs once over the flat tokens; attention runs per group through the
-`kernels.paged_attention` dispatcher. A decode row's input token may be the one the previous step
-sampled, still on device (`prev_index`), so the host never waits for it before dispatching.
+Tokens are flat, group after group (`messages.Layout`): decode rows of one token, verify rows of
+k + 1 (the last token and k drafts), prefill rows of `chunk` tokens (a shorter chunk is padded;
+padding writes go to slot P * C and are dropped). Token-wise work (projections, MLP) runs once
+over the flat tokens; attention runs per group through the `kernels.paged_attention` dispatcher.
+A decode row's input token may be the one the previous step sampled, still on device
+(`prev_index`), so the host never waits for it before dispatching. Verify rows accept a prefix of
+their drafts by exact rejection sampling (`sampling.verify`); with a draft model, the same step
+also runs the draft over the same tokens and proposes the next k drafts (`speculative`).
 """
 
 from __future__ import annotations
@@ -18,9 +21,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxinfer import messages
 from jaxinfer.cache import PagedKVCache
 from jaxinfer.kernels.paged_attention import paged_attention
-from jaxinfer.sampling import SamplingParams, sample
+from jaxinfer.messages import Layout
+from jaxinfer.sampling import SamplingParams, sample, verify
 
 TRACES = {"step": 0}  # python traces of the step (tests count them)
 
@@ -28,102 +33,130 @@ TRACES = {"step": 0}  # python traces of the step (tests count them)
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class StepBatch:
-    """One step's view, built by the host scheduler. N = Bd + Bp * Tp tokens; R = Bd + Bp rows."""
+    """One step's view, built by the host scheduler (fields: messages.FIELDS). N tokens, R rows."""
 
     tokens: jax.Array  # [N] int32 (ignored where prev_index >= 0)
     positions: jax.Array  # [N] int32
     slots: jax.Array  # [N] int32 flat cache slot, P * C for padding
-    prev_index: jax.Array  # [N] int32: >= 0 takes the previous step's sampled token at that row
-    block_table: jax.Array  # [R, Pmax] int32
+    prev_index: jax.Array  # [N] int32: >= 0 takes the previous step's last sampled token at that row
+    block_table: jax.Array  # [R, W] int32
+    num_row_pages: jax.Array  # [R] int32 valid block-table entries
     kv_lens: jax.Array  # [R] int32, kv length of the row after this step (0 for padding rows)
-    logits_index: jax.Array  # [R] int32, flat index of the token whose logits the row samples
+    logits_index: jax.Array  # [R] int32, flat index of the row's first sampled token
     sample_step: jax.Array  # [R] int32, tokens the request generated so far (key fold-in)
+    draft_src: jax.Array  # [R] int32, verify rows: previous step's row of the drafts' probabilities, -1 one-hot
     sampling: SamplingParams  # [R] each
 
 
-def paged_attend(cache: PagedKVCache, layer, q, k, v, *, batch: StepBatch, num_decode_rows: int,
-                 sliding_window, impl: str):
+def unpack(ints, floats, layout: Layout) -> StepBatch:
+    """Device: the StepBatch views of the two uploaded buffers (static slices from messages.offsets)."""
+    buffers = {"ints": ints, "floats": floats}
+    out = {}
+    for name, (buf, start, shape, dtype) in messages.offsets(layout).items():
+        x = buffers[buf][start:start + int(np.prod(shape))].reshape(shape)
+        out[name] = jax.lax.bitcast_convert_type(x, jnp.uint32) if dtype == "uint32" else x
+    sampling = SamplingParams(*(out.pop(k) for k in messages.SAMPLING_FIELDS))
+    return StepBatch(**out, sampling=sampling)
+
+
+def paged_attend(cache: PagedKVCache, layer, q, k, v, *, batch: StepBatch, layout: Layout, sliding_window,
+                 impl: str):
     """q [1, N, Nh, H], k/v [1, N, K, H] -> (cache with k/v written, attention output [1, N, Nh, H])."""
     cache = cache.write(layer, k[0], v[0], batch.slots)
-    bd = num_decode_rows
-    n, nh, h = q.shape[1:]
-    bp = batch.block_table.shape[0] - bd
-    tp = (n - bd) // bp if bp else 0
+    nh, h = q.shape[2:]
     attend = partial(paged_attention, k_pages=cache.k[layer], v_pages=cache.v[layer],
                      sliding_window=sliding_window, impl=impl)
     parts = []
-    if bd:
-        out = attend(q[0, :bd, None], block_table=batch.block_table[:bd], kv_lens=batch.kv_lens[:bd],
-                     q_positions=batch.positions[:bd, None])
-        parts.append(out.reshape(bd, nh, h))
-    if bp:
-        out = attend(q[0, bd:].reshape(bp, tp, nh, h), block_table=batch.block_table[bd:],
-                     kv_lens=batch.kv_lens[bd:], q_positions=batch.positions[bd:].reshape(bp, tp))
-        parts.append(out.reshape(bp * tp, nh, h))
+    for g in layout.groups:
+        rows, toks = slice(g.first_row, g.first_row + g.num_rows), slice(g.first_token, g.first_token + g.num_rows * g.query_len)
+        out = attend(q[0, toks].reshape(g.num_rows, g.query_len, nh, h), block_table=batch.block_table[rows],
+                     kv_lens=batch.kv_lens[rows], q_positions=batch.positions[toks].reshape(g.num_rows, g.query_len))
+        parts.append(out.reshape(g.num_rows * g.query_len, nh, h))
     return cache, jnp.concatenate(parts)[None]
 
 
-# The host uploads a step as two flat buffers (one transfer each instead of thirteen).
-INT_FIELDS = ("tokens", "positions", "slots", "prev_index", "block_table", "kv_lens", "logits_index",
-              "sample_step", "top_k", "seed")
-FLOAT_FIELDS = ("temperature", "top_p", "min_p")
+def forward(graphdef, params, cache, tokens, batch: StepBatch, layout: Layout, impl: str):
+    """One model over the step's flat tokens -> (model, final hidden [N, D], cache)."""
+    model = nnx.merge(graphdef, params)
+    attend = partial(paged_attend, batch=batch, layout=layout, sliding_window=model.cfg.sliding_window, impl=impl)
+    hidden, cache = model(tokens[None], batch.positions[None], cache, attend=attend)
+    return model, hidden[0], cache
 
 
-def pack(arrays: dict) -> tuple[np.ndarray, np.ndarray, tuple]:
-    """Host: (int32 buffer, float32 buffer, static layout) from a plan's arrays."""
-    ints = np.concatenate([arrays[k].astype(np.uint32).view(np.int32).ravel() if k == "seed"
-                           else arrays[k].ravel() for k in INT_FIELDS])
-    floats = np.concatenate([arrays[k].ravel() for k in FLOAT_FIELDS])
-    layout = (arrays["tokens"].shape[0], *arrays["block_table"].shape)  # (N, R, Pmax)
-    return ints, floats, layout
+def _rows(params: SamplingParams, idx) -> SamplingParams:
+    return jax.tree.map(lambda x: x[idx], params)
 
 
-def unpack(ints, floats, layout) -> StepBatch:
-    """Device: the StepBatch views of the two buffers (static slices)."""
-    n, r, w = layout
-    sizes = {"tokens": n, "positions": n, "slots": n, "prev_index": n, "block_table": r * w}
-    out, at = {}, 0
-    for k in INT_FIELDS:
-        size = sizes.get(k, r)
-        out[k], at = ints[at:at + size], at + size
-    out["block_table"] = out["block_table"].reshape(r, w)
-    f = {k: floats[i * r:(i + 1) * r] for i, k in enumerate(FLOAT_FIELDS)}
-    sampling = SamplingParams(f["temperature"], out["top_k"], f["top_p"], f["min_p"],
-                              jax.lax.bitcast_convert_type(out["seed"], jnp.uint32))
-    return StepBatch(out["tokens"], out["positions"], out["slots"], out["prev_index"], out["block_table"],
-                     out["kv_lens"], out["logits_index"], out["sample_step"], sampling)
-
-
-def step(graphdef, param_def, param_leaves, cache: PagedKVCache, ints, floats, prev_tokens, *, layout: tuple,
-         num_decode_rows: int, attention_impl: str = "auto"):
-    """-> (cache, sampled tokens [Rmax], logprobs [Rmax]), rows past R zero-padded so that the
-    output, which feeds the next step as `prev_tokens`, has one shape whatever the bucket.
+def step(graphdef, param_def, param_leaves, cache: PagedKVCache, ints, floats, prev_tokens, draft_leaves=None,
+         draft=None, *,
+         layout: Layout, attention_impl: str = "auto", draft_graphdef=None, draft_param_def=None):
+    """-> (cache, draft, last [Rmax], tokens [Rmax, k+1], num_new [Rmax], logprobs [Rmax, k+1],
+    drafts [Rmax, k]); rows past R are zero so every output has one shape whatever the bucket.
+    `prev_tokens` [Rmax] is the previous step's `last` (each row's last sampled token).
+    With a draft model: `draft_leaves` its params, `draft` (its cache, the probabilities
+    [Rmax, k, V] of the previous step's proposals), returned with the new cache and proposals.
 
     Params come as a flat list of arrays (`param_def` rebuilds the nnx.State inside the trace):
     flattening a list is C++-fast, an nnx.State is not (~1 ms per step for 180 leaves)."""
     TRACES["step"] += 1
     batch = unpack(ints, floats, layout)
-    model = nnx.merge(graphdef, jax.tree.unflatten(param_def, param_leaves))
-    prev = prev_tokens[jnp.clip(batch.prev_index, 0, prev_tokens.shape[0] - 1)]
+    r_max, k, num_rows = prev_tokens.shape[0], layout.num_drafts, layout.num_rows
+    prev = prev_tokens[jnp.clip(batch.prev_index, 0, r_max - 1)]
     tokens = jnp.where(batch.prev_index >= 0, prev, batch.tokens)
-    attend = partial(paged_attend, batch=batch, num_decode_rows=num_decode_rows,
-                     sliding_window=model.cfg.sliding_window, impl=attention_impl)
-    hidden, cache = model(tokens[None], batch.positions[None], cache, attend=attend)
-    logits = model.logits(hidden[0, batch.logits_index])  # [R, V]
-    new, logprobs = sample(logits, batch.sampling, batch.sample_step)
-    pad = prev_tokens.shape[0] - new.shape[0]
-    return cache, jnp.pad(new, (0, pad)), jnp.pad(logprobs, (0, pad))
+    model, hidden, cache = forward(graphdef, jax.tree.unflatten(param_def, param_leaves), cache, tokens, batch,
+                                   layout, attention_impl)
+    # Plain rows (decode, prefill) sample one token at logits_index; verify rows score all k + 1.
+    groups = {g.name: g for g in layout.groups}
+    plain = np.array([r for g in layout.groups if g.name != "verify"
+                      for r in range(g.first_row, g.first_row + g.num_rows)], np.int32)
+    out_tokens = jnp.zeros((num_rows, k + 1), jnp.int32)
+    out_logprobs = jnp.zeros((num_rows, k + 1), jnp.float32)
+    num_new = jnp.ones(num_rows, jnp.int32)
+    if len(plain):
+        logits = model.logits(hidden[batch.logits_index[plain]])  # [Rp, V]
+        new, lp = sample(logits, _rows(batch.sampling, plain), batch.sample_step[plain])
+        out_tokens, out_logprobs = out_tokens.at[plain, 0].set(new), out_logprobs.at[plain, 0].set(lp)
+    if "verify" in groups:
+        g = groups["verify"]
+        rows = np.arange(g.first_row, g.first_row + g.num_rows)
+        toks = slice(g.first_token, g.first_token + g.num_rows * g.query_len)
+        logits = model.logits(hidden[toks]).reshape(g.num_rows, k + 1, -1)  # [Bv, k+1, V]
+        drafts = tokens[toks].reshape(g.num_rows, k + 1)[:, 1:]
+        src = batch.draft_src[rows]
+        q = jax.nn.one_hot(drafts, logits.shape[-1], dtype=jnp.float32)  # n-gram drafts: deterministic
+        if draft is not None:  # the draft model's own distributions, from the step that proposed them
+            q = jnp.where((src >= 0)[:, None, None], draft[1][jnp.clip(src, 0, r_max - 1)], q)
+        new, n, lp = verify(logits, drafts, q, _rows(batch.sampling, rows), batch.sample_step[rows])
+        out_tokens, out_logprobs, num_new = out_tokens.at[rows].set(new), out_logprobs.at[rows].set(lp), num_new.at[rows].set(n)
+    last = jnp.take_along_axis(out_tokens, (num_new - 1)[:, None], axis=1)[:, 0]
+    pad = r_max - num_rows
+    proposals = jnp.zeros((r_max, k), jnp.int32)
+    if draft is not None:
+        from jaxinfer.speculative import propose
+
+        d_params = jax.tree.unflatten(draft_param_def, draft_leaves)
+        d_model, _, d_cache = forward(draft_graphdef, d_params, draft[0], tokens, batch, layout, attention_impl)
+        # `last` sits where the row's kept tokens end: a verify row drops k + 1 - num_new of its k + 1.
+        dropped = np.concatenate([np.full(g.num_rows, k + 1 if g.name == "verify" else 1) for g in layout.groups])
+        start = batch.kv_lens - jnp.asarray(dropped, jnp.int32) + num_new
+        d_cache, drafts, probs = propose(d_model, d_cache, batch, last, start, batch.sample_step + num_new, k,
+                                         attention_impl)
+        proposals = jnp.pad(drafts, ((0, pad), (0, 0)))
+        draft = (d_cache, jnp.pad(probs, ((0, pad), (0, 0), (0, 0))))
+    return (cache, draft, jnp.pad(last, (0, pad)), jnp.pad(out_tokens, ((0, pad), (0, 0))), jnp.pad(num_new, (0, pad)),
+            jnp.pad(out_logprobs, ((0, pad), (0, 0))), proposals)
 
 
 @functools.cache
-def compile_step(graphdef, param_def, num_decode_rows: int, attention_impl: str = "auto", out_shardings=None):
-    """The jitted step for one decode-row count (a shape bucket); the cache is donated. Cached, so
-    engines over the same model structure share compilations. On a mesh, `out_shardings` pins
-    (cache, tokens, logprobs) so the donated cache keeps its layout from step to step."""
-    fn = partial(step, graphdef, param_def, num_decode_rows=num_decode_rows, attention_impl=attention_impl)
-    if out_shardings is None:
-        return jax.jit(fn, donate_argnums=(1,), static_argnames=("layout",))
-    return jax.jit(fn, donate_argnums=(1,), static_argnames=("layout",), out_shardings=out_shardings)
+def compile_step(graphdef, param_def, attention_impl: str = "auto", out_shardings=None, draft_graphdef=None,
+                 draft_param_def=None):
+    """The jitted step (one executable per Layout, the static argument); the caches are donated.
+    Cached, so engines over the same model structure share compilations. On a mesh,
+    `out_shardings` pins the outputs so the donated cache keeps its layout from step to step."""
+    fn = partial(step, graphdef, param_def, attention_impl=attention_impl, draft_graphdef=draft_graphdef,
+                 draft_param_def=draft_param_def)
+    kw = {} if out_shardings is None else {"out_shardings": out_shardings}
+    return jax.jit(fn, donate_argnums=(1, 6), static_argnames=("layout",), **kw)
 
 
 @partial(jax.jit, donate_argnums=(0,))

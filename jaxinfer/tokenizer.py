@@ -205,6 +205,17 @@ class HFTokenizer:
                             bos_token=self.bos_token or "", eos_token=self.eos_token or "")
 
 
+def same_vocabulary(a, b) -> bool:
+    """Whether two tokenizers map the same text to the same ids (the same vocabulary and merges)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, ByteTokenizer):
+        return True
+    probe = "The quick brown fox, 42 times! Über naïve café."
+    return a.tok.to_str() == b.tok.to_str() or (a.tok.get_vocab(with_added_tokens=True) == b.tok.get_vocab(
+        with_added_tokens=True) and a.encode(probe) == b.encode(probe))
+
+
 def load_tokenizer(spec: str | Path | None):
     """'byte' (or None) -> ByteTokenizer; a folder (or `package:reference/target`) -> HFTokenizer."""
     from jaxinfer.config import resolve_path

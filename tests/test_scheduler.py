@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from jaxinfer.config import EngineConfig, SamplingConfig
+from jaxinfer.messages import StepOutput
 from jaxinfer import scheduler as scheduler_module
 from jaxinfer.scheduler import PageAllocator, PageKey, Scheduler, Status
 
@@ -30,8 +31,8 @@ def check_accounting(s: Scheduler):
 
 
 def fake_step(plan, rng, vocab):
-    rows = len(plan.arrays["kv_lens"])
-    return rng.integers(0, vocab, rows), rng.standard_normal(rows)
+    rows = plan.layout.num_rows
+    return (StepOutput.single(rng.integers(0, vocab, rows), rng.standard_normal(rows)),)
 
 
 def run_workload(seed) -> Scheduler:
@@ -109,7 +110,7 @@ def test_prefix_hits_compare_tokens_not_only_hashes(monkeypatch):
                   num_pages=32, max_model_len=64)
     first = s.add(list(range(9)), SamplingConfig(max_new_tokens=1))
     plan = s.schedule()
-    s.update(plan, np.zeros(8, np.int32), np.zeros(8, np.float32))
+    s.update(plan, StepOutput.single(np.zeros(8, np.int32), np.zeros(8, np.float32)))
     assert first.status == Status.FINISHED and len(s.alloc.by_key) == 2
     other = s.add(list(range(100, 109)), SamplingConfig(max_new_tokens=1))
     s.schedule()

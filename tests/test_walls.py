@@ -1,6 +1,8 @@
 """The host wall: host-policy modules import no jax, directly or through other jaxinfer modules."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -38,3 +40,21 @@ def transitive_imports(module: str, seen=None) -> set[str]:
 def test_host_modules_import_no_jax(module):
     leaked = {n for n in transitive_imports(module) if n.split(".")[0] in DEVICE_LIBS}
     assert not leaked, f"jaxinfer/{module}.py reaches device libraries: {sorted(leaked)}"
+
+
+@pytest.mark.parametrize("module", HOST_MODULES)
+def test_importing_a_host_module_loads_no_jax(module):
+    """The parse above misses what the package's __init__ pulls in: import for real, in a fresh process."""
+    code = (f"import sys, jaxinfer.{module}; leaked = sorted({{m.split('.')[0] for m in sys.modules}} & set({sorted(DEVICE_LIBS)})); "
+            "assert not leaked, leaked")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+
+
+def test_the_package_exports_load_lazily():
+    import jaxinfer
+
+    missing = [n for n in jaxinfer.__all__ if getattr(jaxinfer, n, None) is None]
+    assert not missing
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        jaxinfer.nope  # noqa: B018
