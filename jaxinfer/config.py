@@ -139,6 +139,10 @@ class EngineConfig:
     decode_row_buckets: tuple[int, ...] = (0, 1, 2, 4, 8, 16, 32, 64)
     prefill_row_buckets: tuple[int, ...] = (0, 1, 2, 4)
     chunk_buckets: tuple[int, ...] = (16, 32, 64, 128, 256, 512)  # the largest is the chunk size
+    # Block tables as wide as the context (one shape: far fewer compiles) or as the step's longest
+    # row needs, in powers of two (the jnp reference attention gathers every listed page, kernels
+    # stop at the kv length). None: fixed wherever a Pallas kernel runs (not on CPU).
+    fixed_table_width: bool | None = None
     prefix_caching: bool = True
     async_scheduling: bool = True  # dispatch step n+1 before reading step n's tokens
     attention_impl: str = "auto"  # kernels.paged_attention implementation

@@ -148,8 +148,10 @@ class Engine:
                 self.draft_params = jax.device_put(draft.params, sharding.param_shardings(draft.params, self.mesh))
                 draft_s = (sharding.cache_sharding(self._zero_cache(draft), self.mesh), rep)
             self._out_shardings = (sharding.cache_sharding(self._zero_cache(), self.mesh), draft_s, rep, rep, rep, rep, rep)
+        if cfg.fixed_table_width is None:
+            cfg = self.cfg = dataclasses.replace(cfg, fixed_table_width=jax.default_backend() != "cpu")
         self.scheduler = Scheduler(cfg, num_pages, self.max_model_len, clock)
-        self.num_out_rows = max(cfg.decode_row_buckets) + max(cfg.prefill_row_buckets)
+        self.num_out_rows = max(cfg.decode_row_buckets) * (2 if self.num_drafts else 1) + max(cfg.prefill_row_buckets)
         self._init_device_state()
         self._param_leaves, self._param_def = jax.tree.flatten(self.params)
         self._draft_leaves, self._draft_def = (None, None) if draft is None else jax.tree.flatten(self.draft_params)
@@ -304,6 +306,30 @@ class Engine:
             return touched
         finally:
             self._stepping.release()
+
+    def warmup(self) -> dict:
+        """Compiles every step shape the configuration can reach (Scheduler.layouts), so none
+        compiles in the middle of traffic. Each runs once on an all-padding plan, which writes
+        nothing. -> {"num_layouts", "num_executables", "compile_s"}. Needs an idle engine."""
+        from jaxinfer.messages import empty_arrays
+
+        with self._lock:
+            if self.has_work():
+                raise RuntimeError("Engine.warmup() needs an idle engine: call it before adding requests")
+            layouts = self.scheduler.layouts()
+        t0 = time.perf_counter()
+        pad_slot = self.num_pages * self.cfg.page_size
+        for layout in layouts:
+            plan = StepPlan(-1, layout, empty_arrays(layout, pad_slot), [], 0, [])
+            _, out = self._dispatch(plan)
+            self._read(*out)
+        return {"num_layouts": len(layouts), "num_executables": self.num_executables,
+                "compile_s": time.perf_counter() - t0}
+
+    @property
+    def num_executables(self) -> int:
+        """Step executables compiled for this engine's model structure (shared by engines over it)."""
+        return self._step._cache_size()
 
     def run_until_done(self) -> None:
         while self.has_work():

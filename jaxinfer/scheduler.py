@@ -219,10 +219,10 @@ class Scheduler:
         self.page_size = cfg.page_size
         self.max_model_len = max_model_len
         self.max_pages_per_seq = -(-max_model_len // cfg.page_size)
-        # Block tables are as wide as the step's longest row needs (a power of two), not the context:
-        # the reference attention gathers every listed page.
-        self.table_buckets = sorted({min(2 ** i, self.max_pages_per_seq)
-                                     for i in range(self.max_pages_per_seq.bit_length() + 1)})
+        # Block tables: as wide as the context (engine.fixed_table_width), or as the step's longest
+        # row needs in powers of two (the reference attention gathers every listed page).
+        self.table_buckets = [self.max_pages_per_seq] if cfg.fixed_table_width else sorted(
+            {min(2 ** i, self.max_pages_per_seq) for i in range(self.max_pages_per_seq.bit_length() + 1)})
         self.chunk_size = max(cfg.chunk_buckets)
         self.max_prefill_rows = max(cfg.prefill_row_buckets)
         self.max_rows = min(cfg.max_num_seqs, max(cfg.decode_row_buckets))  # all rows may be decodes
@@ -447,6 +447,34 @@ class Scheduler:
             num_prefill += n > 1
             budget -= n
         return self._plan(step_id, rows) if rows else None
+
+    def layouts(self) -> list[Layout]:
+        """Every step shape this configuration can reach (what Engine.warmup compiles): each row
+        group's bucket, with the fewest real rows and tokens that land in it, must fit the row
+        limit and the token budget together."""
+        cfg, k = self.cfg, self.num_drafts
+
+        def reachable(buckets, limit, low=1):  # (bucket, fewest real values in it) up to `limit`
+            out, prev = [], 0
+            for b in sorted(set(buckets)):
+                if b and prev + 1 <= limit and max(prev + 1, low) <= b:
+                    out.append((b, max(prev + 1, low)))
+                prev = b
+            return out
+
+        rows, budget = self.max_rows, cfg.max_num_batched_tokens
+        decode = [(0, 0)] + reachable(cfg.decode_row_buckets, rows)
+        verify = [(0, 0)] + (reachable(cfg.decode_row_buckets, rows) if k else [])
+        prefill = [(0, 0)] + reachable(cfg.prefill_row_buckets, min(rows, self.max_prefill_rows))
+        chunks = reachable(cfg.chunk_buckets, min(self.chunk_size, budget), low=2)
+        out = []
+        for (bd, nd), (bv, nv), (bp, np_) in itertools.product(decode, verify, prefill):
+            for tp, n in (chunks if bp else [(0, 0)]):
+                real_rows, tokens = nd + nv + np_, nd + nv * (k + 1) + (max(np_ - 1, 0) * 2 + n if np_ else 0)
+                if 0 < real_rows <= rows and tokens <= budget:
+                    out += [Layout(bd, bv, bp, tp, w, k, k > 0 and cfg.speculative.method == "draft")
+                            for w in self.table_buckets]
+        return out
 
     def _plan(self, step_id: int, rows: list[tuple[Request, int, list[int] | None]]) -> StepPlan:
         cfg, c, k = self.cfg, self.page_size, self.num_drafts
