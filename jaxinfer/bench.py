@@ -61,10 +61,10 @@ def run_continuous(engine: Engine, reqs, desc: str = "continuous"):
     return [done[i] for i in range(len(reqs))]
 
 
-def run_mode(mode: str, model, cfg: RunConfig, reqs):
+def run_mode(mode: str, model, cfg: RunConfig, reqs, draft=None):
     """-> (completions, summary) of one mode over the workload (arrival offsets from now)."""
     if mode == "continuous":
-        engine = Engine(model, None, cfg.engine)
+        engine = Engine(model, None, cfg.engine, draft=draft)
         done = run_continuous(engine, reqs)
         return done, summarize(done, engine.records, cfg.engine.page_size, engine.scheduler.num_preemptions)
     if mode in ("static", "sequential"):
@@ -92,8 +92,9 @@ def check_workload(cfg: RunConfig, model) -> None:
                          f"{context} (engine.max_model_len, capped by the model); shorten the workload")
 
 
-def bench(cfg: RunConfig, model, out: str | Path | None = None) -> dict:
-    """Runs every mode of cfg.bench on the same workload; prints the table; writes JSON."""
+def bench(cfg: RunConfig, model, out: str | Path | None = None, draft=None) -> dict:
+    """Runs every mode of cfg.bench on the same workload; prints the table; writes JSON.
+    `draft`: the draft model when engine.speculative.method is draft (continuous mode uses it)."""
     import jax
 
     check_workload(cfg, model)
@@ -102,9 +103,9 @@ def bench(cfg: RunConfig, model, out: str | Path | None = None) -> dict:
     for mode in cfg.bench.modes:
         if cfg.bench.warmup:
             t0 = time.perf_counter()
-            run_mode(mode, model, cfg, [(p, s, 0.0) for p, s, _ in reqs])
+            run_mode(mode, model, cfg, [(p, s, 0.0) for p, s, _ in reqs], draft)
             compile_s[mode] = time.perf_counter() - t0
-        _, results[mode] = run_mode(mode, model, cfg, reqs)
+        _, results[mode] = run_mode(mode, model, cfg, reqs, draft)
         results[mode]["warmup_s"] = compile_s.get(mode, float("nan"))
     print(format_table(results))
     report = {"results": results, "config": to_dict(cfg), "env": {

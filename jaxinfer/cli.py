@@ -105,7 +105,7 @@ def _check_writable(path: Path) -> None:
 
 def cmd_bench(args) -> int:
     from jaxinfer.bench import bench
-    from jaxinfer.checkpoint import build
+    from jaxinfer.checkpoint import build, load_draft
 
     cfg = _load(args)
     flags = {"num_requests": args.num_requests, "prompt_len": args.prompt_len, "output_len": args.output_len,
@@ -115,9 +115,14 @@ def cmd_bench(args) -> int:
     cfg = dataclasses.replace(cfg, bench=bench_cfg, checkpoint=args.model or cfg.checkpoint)
     out = Path(args.out or f"results/bench/{time.strftime('%Y%m%d-%H%M%S')}.json")
     _check_writable(out)
-    model, _, _, label = build(cfg)
+    model, tok, _, label = build(cfg)
+    draft = load_draft(cfg, model, tok)
+    spec = cfg.engine.speculative
+    if spec.method != "none":
+        label += f"; speculative {spec.method}, k={spec.num_speculative_tokens}" + (
+            f" (draft {spec.draft_model})" if draft is not None else "")
     print(f"model: {label}\nworkload: {bench_cfg}", flush=True)
-    bench(cfg, model, out)
+    bench(cfg, model, out, draft)
     print(f"wrote {out}")
     return 0
 

@@ -81,6 +81,16 @@ class Completion:
     num_accepted: int = 0
     accepted_at: list[int] = dataclasses.field(default_factory=list)
 
+    @property
+    def acceptance_rate(self) -> float | None:
+        """Drafts accepted / proposed (None: it never verified drafts)."""
+        return self.num_accepted / self.num_proposed if self.num_proposed else None
+
+    @property
+    def mean_accepted_length(self) -> float | None:
+        """Tokens per verify step: accepted drafts + the correction or bonus token."""
+        return (self.num_accepted + self.num_verify_steps) / self.num_verify_steps if self.num_verify_steps else None
+
 
 @dataclasses.dataclass
 class StepRecord:

@@ -63,6 +63,7 @@ def summarize(completions, records=(), page_size: int | None = None, num_preempt
         "prefix_cache_hit_rate": sum(c.num_cached_tokens for c in ok) / max(n_in, 1),
         "preemptions": num_preemptions,
     }
+    summary |= speculation(ok)
     if records:
         walls = np.array([r.end - r.start for r in records])
         host = walls - np.array([r.wait_s for r in records])
@@ -78,6 +79,21 @@ def summarize(completions, records=(), page_size: int | None = None, num_preempt
     return summary
 
 
+def speculation(completions) -> dict:
+    """Speculative decoding, over requests that verified drafts: drafts proposed and accepted, the
+    acceptance rate, the mean tokens a verify step yields (accepted + 1) and the rate per draft position."""
+    spec = [c for c in completions if getattr(c, "num_verify_steps", 0)]
+    if not spec:
+        return {}
+    proposed, accepted = sum(c.num_proposed for c in spec), sum(c.num_accepted for c in spec)
+    steps = sum(c.num_verify_steps for c in spec)
+    k = max(len(c.accepted_at) for c in spec)
+    by_position = [sum(c.accepted_at[j] for c in spec if len(c.accepted_at) > j) / steps for j in range(k)]
+    return {"spec_proposed": proposed, "spec_accepted": accepted, "spec_acceptance_rate": accepted / max(proposed, 1),
+            "spec_mean_accepted_length": (accepted + steps) / steps, "spec_verify_steps": steps,
+            "spec_acceptance_by_position": by_position}
+
+
 def format_table(results: dict[str, dict]) -> str:
     """One column per mode; rows are the headline metrics (ms for latencies)."""
     rows = [("requests", "num_requests", 1, "{:.0f}"), ("errors", "num_errors", 1, "{:.0f}"),
@@ -90,7 +106,9 @@ def format_table(results: dict[str, dict]) -> str:
     rows += [("prefix hit rate", "prefix_cache_hit_rate", 1, "{:.2f}"), ("preemptions", "preemptions", 1, "{:.0f}"),
              ("steps", "num_steps", 1, "{:.0f}"), ("host ms/step p50", ("host_s_per_step", "p50"), 1e3, "{:.2f}"),
              ("step ms p50", ("step_s", "p50"), 1e3, "{:.2f}"), ("host / step", "host_fraction_of_step", 1, "{:.3f}"),
-             ("KV pages max", "kv_pages_used_max", 1, "{:.0f}"), ("KV slot occupancy", "kv_slot_occupancy_mean", 1, "{:.2f}")]
+             ("KV pages max", "kv_pages_used_max", 1, "{:.0f}"), ("KV slot occupancy", "kv_slot_occupancy_mean", 1, "{:.2f}"),
+             ("drafts accepted", "spec_acceptance_rate", 1, "{:.3f}"),
+             ("tokens / verify step", "spec_mean_accepted_length", 1, "{:.2f}")]
     modes = list(results)
     width = max(12, *(len(m) + 2 for m in modes))
     lines = [f"{'metric':<22}" + "".join(f"{m:>{width}}" for m in modes)]

@@ -1,10 +1,12 @@
 """HOST ONLY (no jax): requests, the page allocator with refcounts and a prefix cache, and the
 policy that turns waiting and running requests into one step's plan under a token budget.
 
-One token budget serves decodes and prefill chunks alike (no separate phases). Prefix caching
-matches chained hashes of full pages; freed cached pages stay in an LRU until a new page is
+One token budget serves decodes, verify rows (speculative decoding: the last token and k drafts)
+and prefill chunks alike (no separate phases). Prefix caching matches full pages by their tokens
+chained to their prefix (`PageKey`); freed cached pages stay in an LRU until a new page is
 needed. When pages run out, the most recently admitted running request is preempted by
 recompute: its pages are freed, it goes back to the head of the queue, nothing it produced is lost.
+A verify row appends 1..k+1 tokens; the positions of rejected drafts are simply overwritten later.
 """
 
 from __future__ import annotations

@@ -67,3 +67,27 @@ def test_bench_command_runs_every_mode_and_writes_json(tmp_path, capsys):
 def test_bench_rejects_unknown_mode(capsys):
     assert main(["bench", "--compare", "continuous,turbo"]) == 2
     assert "bench mode 'turbo' is unknown" in capsys.readouterr().err
+
+
+def test_speculation_metrics():
+    a, b = completion(0.0, 0.0, [1.0] * 9), completion(0.0, 0.0, [1.0] * 5)
+    a.num_verify_steps, a.num_proposed, a.num_accepted, a.accepted_at = 3, 9, 6, [3, 2, 1]
+    b.num_verify_steps, b.num_proposed, b.num_accepted, b.accepted_at = 1, 3, 0, [0, 0, 0]
+    s = summarize([a, b, completion(0.0, 0.0, [1.0])])  # the third never verified: left out
+    assert s["spec_acceptance_rate"] == 6 / 12 and s["spec_mean_accepted_length"] == (6 + 4) / 4
+    assert s["spec_acceptance_by_position"] == [3 / 4, 2 / 4, 1 / 4]
+    assert "tokens / verify step" in format_table({"draft": s})
+    assert "spec_acceptance_rate" not in summarize([completion(0.0, 0.0, [1.0])])
+
+
+def test_bench_command_with_a_draft_model_reports_acceptance(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--num-requests", "2", "--prompt-len", "8", "--output-len", "8", "--compare", "continuous",
+            "--out", str(out), "engine.speculative.method=draft", "engine.speculative.num_speculative_tokens=2",
+            "engine.max_model_len=64", "engine.decode_row_buckets=[0,2]", "engine.prefill_row_buckets=[0,2]",
+            "engine.chunk_buckets=[16]", "engine.fixed_table_width=true"]
+    assert main(argv) == 0
+    r = json.loads(out.read_text())["results"]["continuous"]
+    assert r["output_tokens"] == 16 and r["spec_verify_steps"] > 0 and 0 <= r["spec_acceptance_rate"] <= 1
+    printed = capsys.readouterr().out
+    assert "speculative draft, k=2" in printed and "drafts accepted" in printed

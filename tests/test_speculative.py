@@ -82,6 +82,7 @@ def test_a_draft_equal_to_the_target_accepts_everything():
     assert_equals_dense(cs, ps)
     for c in cs:
         assert c.num_accepted == c.num_proposed > 0 and c.accepted_at == [c.num_verify_steps] * 4
+        assert c.acceptance_rate == 1.0 and c.mean_accepted_length == 5.0
 
 
 def test_no_recompiles_after_warmup_with_speculation_on():
