@@ -82,12 +82,15 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--prompt-len", type=int, default=24)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--scan-layers", choices=("true", "false"), default="false",
+                    help="layers under lax.scan, or unrolled (default; faster on CPU: see ModelConfig.scan_layers)")
     ap.add_argument("--json", default="results/speculative/summary.json")
     args = ap.parse_args(argv)
     ks = [int(k) for k in args.ks.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
     temps = [float(t) for t in args.temperatures.split(",")]
-    target, draft = load_model(TARGET), load_model(DRAFT)
+    scan = args.scan_layers == "true"
+    target, draft = load_model(TARGET, scan_layers=scan), load_model(DRAFT, scan_layers=scan)
     tok = load_tokenizer(TARGET)
     prompts = story_prompts(tok, max(batches), args.prompt_len)
     run = lambda m, model, d, k, t, b: measure(model, d, tok, prompts[:b], m, k, t, args.repeats, args.new_tokens)  # noqa: E731

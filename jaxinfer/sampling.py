@@ -106,8 +106,12 @@ def processed_probs(logits, p: SamplingParams):
 
 def draw(logits, probs, p: SamplingParams, index, purpose: int):
     """One token per row from `probs` [B, V] (greedy rows: the argmax of `logits`)."""
-    drawn = jax.vmap(jax.random.categorical)(row_keys(p.seed, index, purpose), jnp.log(probs))
-    return jnp.where(p.temperature > 0, drawn, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def sampled(_):  # random bits for V tokens per row cost more than the draft's forward on CPU
+        drawn = jax.vmap(jax.random.categorical)(row_keys(p.seed, index, purpose), jnp.log(probs))
+        return jnp.where(p.temperature > 0, drawn, greedy).astype(jnp.int32)
+    return jax.lax.cond(jnp.any(p.temperature > 0), sampled, lambda _: greedy, None)
 
 
 def verify(logits, drafts, q, p: SamplingParams, step):

@@ -575,8 +575,10 @@ class Scheduler:
             self._finish(req, "length")
 
     def _trim(self, req: Request) -> None:
-        """Frees pages wholly past the last known token (they held rejected drafts or proposals)."""
-        keep = -(-len(req.known) // self.page_size)
+        """Frees pages wholly past what the next step reads: the known tokens and, with a draft
+        model, the KV of the proposals it just made (the last known token and k - 1 drafts)."""
+        ahead = self.num_drafts - 1 if self.cfg.speculative.method == "draft" else 0
+        keep = -(-(len(req.known) + ahead) // self.page_size)
         while len(req.pages) > keep:
             self.alloc.release(req.pages.pop())
 

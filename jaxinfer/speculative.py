@@ -1,7 +1,8 @@
 """Device: draft-model proposals. The draft keeps its own paged KV cache, addressed by the target's
-block tables and allocator (same pages, same slots), so it is kept in step simply by running over
-the same tokens as the target in every step; then it proposes k tokens per row in one `lax.scan`.
-Rejection sampling of the proposals lives in `sampling.verify`."""
+block tables and allocator (same pages, same slots). It reads the prompt chunks the target
+reads; every later token's draft KV it writes itself while proposing (the one it may lack, the
+last accepted draft, is recomputed by the next proposal's first step). The k proposal steps run
+in one `lax.scan` inside the serving step. Rejection sampling lives in `sampling.verify`."""
 
 from __future__ import annotations
 
@@ -15,33 +16,40 @@ from jaxinfer.messages import Layout
 from jaxinfer.sampling import draw, processed_probs
 
 
-def propose(model, cache, batch, last, start, first_index, k: int, impl: str):
+def propose(model, cache, batch, before, last, start, first_index, k: int, impl: str):
     """Proposes k tokens after `last` [R] (at positions `start` [R]) for every row.
 
-    The proposals' KV goes to the row's own pages (a position past `num_row_pages` is dropped: the
-    host only verifies what fits); the next step's verify group overwrites it.
-    `first_index` [R]: the output index of the first proposal (its sampling key).
-    -> (cache, drafts [R, k] int32, processed draft probabilities [R, k, V] float32)."""
+    The first draft step also (re)computes the token `before` at start - 1: it is the last kept
+    draft when all k were accepted, whose draft KV was never written (rewriting any other is a
+    no-op). The proposals' KV goes to the row's own pages (a position past `num_row_pages` is
+    dropped: the host only verifies what fits). `first_index` [R]: the first proposal's output
+    index (its sampling key). -> (cache, drafts [R, k] int32, draft probabilities [R, k, V])."""
     from jaxinfer.step import paged_attend
 
     num_rows, width = batch.block_table.shape
     c = cache.page_size
-    layout = Layout(num_decode_rows=num_rows, table_width=width)
+
+    def run(cache, toks, pos, j):
+        """toks, pos: [R, T] -> (cache, drafts [R], probs [R, V]) from each row's last token."""
+        t = toks.shape[1]
+        page = jnp.take_along_axis(batch.block_table, jnp.clip(pos // c, 0, width - 1), axis=1)
+        ok = (pos // c < batch.num_row_pages[:, None]) & (batch.kv_lens[:, None] > 0)
+        slots = jnp.where(ok, page * c + pos % c, cache.num_pages * c).reshape(-1)
+        view = dataclasses.replace(batch, positions=pos.reshape(-1), slots=slots, kv_lens=pos[:, -1] + 1)
+        layout = Layout(num_verify_rows=num_rows, num_drafts=t - 1, table_width=width)  # one group of T per row
+        attend = partial(paged_attend, batch=view, layout=layout, sliding_window=model.cfg.sliding_window, impl=impl)
+        hidden, cache = model(toks.reshape(1, -1), pos.reshape(1, -1), cache, attend=attend)
+        logits = model.logits(hidden[0].reshape(num_rows, t, -1)[:, -1])  # [R, V]
+        probs = processed_probs(logits, batch.sampling)
+        return cache, draw(logits, probs, batch.sampling, first_index + j, purpose=3), probs
+
+    cache, first, first_probs = run(cache, jnp.stack([before, last], 1), jnp.stack([start - 1, start], 1), 0)
 
     def body(carry, j):
         cache, tok = carry
-        pos = start + j
-        page = jnp.take_along_axis(batch.block_table, jnp.clip(pos // c, 0, width - 1)[:, None], axis=1)[:, 0]
-        ok = (pos // c < batch.num_row_pages) & (batch.kv_lens > 0)
-        slots = jnp.where(ok, page * c + pos % c, cache.num_pages * c)
-        view = dataclasses.replace(batch, positions=pos, slots=slots, kv_lens=pos + 1)
-
-        attend = partial(paged_attend, batch=view, layout=layout, sliding_window=model.cfg.sliding_window, impl=impl)
-        hidden, cache = model(tok[None], pos[None], cache, attend=attend)  # R rows as flat tokens, as in a step
-        logits = model.logits(hidden[0])  # [R, V]
-        probs = processed_probs(logits, batch.sampling)
-        new = draw(logits, probs, batch.sampling, first_index + j, purpose=3)
+        cache, new, probs = run(cache, tok[:, None], (start + j)[:, None], j)
         return (cache, new), (new, probs)
 
-    (cache, _), (drafts, probs) = jax.lax.scan(body, (cache, last), jnp.arange(k))
-    return cache, drafts.T, jnp.swapaxes(probs, 0, 1)
+    (cache, _), (drafts, probs) = jax.lax.scan(body, (cache, first), jnp.arange(1, k))
+    drafts = jnp.concatenate([first[:, None], drafts.T], axis=1)
+    return cache, drafts, jnp.concatenate([first_probs[:, None], jnp.swapaxes(probs, 0, 1)], axis=1)

@@ -75,6 +75,17 @@ def paged_attend(cache: PagedKVCache, layer, q, k, v, *, batch: StepBatch, layou
     return cache, jnp.concatenate(parts)[None]
 
 
+def group_batch(batch: StepBatch, layout: Layout, g) -> tuple[StepBatch, Layout, slice]:
+    """One row group of the step as a step of its own: (batch, layout, its flat-token slice)."""
+    rows, toks = slice(g.first_row, g.first_row + g.num_rows), slice(g.first_token, g.first_token + g.num_rows * g.query_len)
+    sub = StepBatch(**{f.name: jax.tree.map(lambda x: x[toks if f.name in TOKEN_FIELDS else rows], getattr(batch, f.name))
+                       for f in dataclasses.fields(StepBatch)})
+    return sub, Layout(num_prefill_rows=g.num_rows, chunk=g.query_len, table_width=layout.table_width), toks
+
+
+TOKEN_FIELDS = {f.name for f in messages.FIELDS if f.per == "token"}
+
+
 def forward(graphdef, params, cache, tokens, batch: StepBatch, layout: Layout, impl: str):
     """One model over the step's flat tokens -> (model, final hidden [N, D], cache)."""
     model = nnx.merge(graphdef, params)
@@ -135,12 +146,17 @@ def step(graphdef, param_def, param_leaves, cache: PagedKVCache, ints, floats, p
         from jaxinfer.speculative import propose
 
         d_params = jax.tree.unflatten(draft_param_def, draft_leaves)
-        d_model, _, d_cache = forward(draft_graphdef, d_params, draft[0], tokens, batch, layout, attention_impl)
+        d_cache = draft[0]
+        if "prefill" in groups:  # prompt chunks; every other kept token's draft KV was written while proposing
+            g = groups["prefill"]
+            sub, sub_layout, toks = group_batch(batch, layout, g)
+            _, _, d_cache = forward(draft_graphdef, d_params, d_cache, tokens[toks], sub, sub_layout, attention_impl)
         # `last` sits where the row's kept tokens end: a verify row drops k + 1 - num_new of its k + 1.
         dropped = np.concatenate([np.full(g.num_rows, k + 1 if g.name == "verify" else 1) for g in layout.groups])
         start = batch.kv_lens - jnp.asarray(dropped, jnp.int32) + num_new
-        d_cache, drafts, probs = propose(d_model, d_cache, batch, last, start, batch.sample_step + num_new, k,
-                                         attention_impl)
+        before = tokens[batch.logits_index + num_new - 1]  # the kept token before `last` (maybe a draft with no KV)
+        d_cache, drafts, probs = propose(nnx.merge(draft_graphdef, d_params), d_cache, batch, before, last, start,
+                                         batch.sample_step + num_new, k, attention_impl)
         proposals = jnp.pad(drafts, ((0, pad), (0, 0)))
         draft = (d_cache, jnp.pad(probs, ((0, pad), (0, 0), (0, 0))))
     return (cache, draft, jnp.pad(last, (0, pad)), jnp.pad(out_tokens, ((0, pad), (0, 0))), jnp.pad(num_new, (0, pad)),
