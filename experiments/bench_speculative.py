@@ -74,6 +74,32 @@ def predicted(a: float, c: float, k: int) -> float:
     return (1 - a ** (k + 1)) / ((1 - a) * (k * c + 1)) if a < 1 else (k + 1) / (k * c + 1)
 
 
+def plot(report: dict, path: str | Path) -> None:
+    """Speedup over plain decoding against k at batch 1 (measured and predicted), per method and temperature."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in report["rows"] if r["batch"] == 1 and r["method"] != "none"]
+    temps = sorted({r["temperature"] for r in rows})
+    fig, axes = plt.subplots(1, len(temps), figsize=(5 * len(temps), 3.6), sharey=True, squeeze=False)
+    for ax, t in zip(axes[0], temps):
+        for method, color in (("draft", "tab:blue"), ("ngram", "tab:orange")):
+            pts = sorted((r["k"], r["speedup"], r.get("predicted")) for r in rows if r["method"] == method and r["temperature"] == t)
+            if pts:
+                ks, got, pred = zip(*pts)
+                ax.plot(ks, got, "o-", color=color, label=f"{method}: measured")
+                ax.plot(ks, pred, "x--", color=color, alpha=0.6, label=f"{method}: predicted (a, c, k)")
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.set(title=f"batch 1, temperature {t}", xlabel="k (drafts per step)")
+    axes[0][0].set_ylabel("tokens/s over plain decoding")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"speculative decoding on the shipped pair, {report['env']['device']} (c = {report['c']:.2f})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ks", default="1,2,4,6")
@@ -85,7 +111,11 @@ def main(argv=None) -> int:
     ap.add_argument("--scan-layers", choices=("true", "false"), default="false",
                     help="layers under lax.scan, or unrolled (default; faster on CPU: see ModelConfig.scan_layers)")
     ap.add_argument("--json", default="results/speculative/summary.json")
+    ap.add_argument("--plot-only", metavar="SUMMARY", help="redraw the plot of an earlier run's summary.json")
     args = ap.parse_args(argv)
+    if args.plot_only:
+        plot(json.loads(Path(args.plot_only).read_text()), Path(args.plot_only).with_name("speedup.png"))
+        return 0
     ks = [int(k) for k in args.ks.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
     temps = [float(t) for t in args.temperatures.split(",")]
@@ -123,7 +153,8 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=1))
-        print(f"wrote {args.json}")
+        plot(report, Path(args.json).with_name("speedup.png"))
+        print(f"wrote {args.json} and speedup.png beside it")
     return 0
 
 

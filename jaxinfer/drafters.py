@@ -11,13 +11,19 @@ def ngram_propose(tokens: list[int], k: int, ngram_min: int, ngram_max: int) -> 
 
     A continuation shorter than k is padded with its last token: any deterministic guess keeps
     verification exact (it is a one-hot draft), a wrong one is only rejected."""
-    size = len(tokens)
     arr = np.asarray(tokens)
-    for n in range(min(ngram_max, size - 1), ngram_min - 1, -1):
-        windows = np.lib.stride_tricks.sliding_window_view(arr[:size - 1], n)  # starts 0 .. size-1-n
-        hits = np.flatnonzero((windows == arr[size - n:]).all(axis=1))
-        if len(hits):
-            start = int(hits[-1]) + n  # most recent earlier occurrence (never the suffix itself)
-            follow = tokens[start:start + k]
-            return follow + [follow[-1]] * (k - len(follow))
-    return None
+    size = len(arr)
+    ends = np.flatnonzero(arr[:-1] == arr[-1])  # earlier occurrences of the last token (1-gram matches)
+    if not len(ends):
+        return None
+    length = np.ones(len(ends), np.int64)  # how far back each match extends, up to ngram_max
+    alive = np.ones(len(ends), bool)
+    for n in range(2, min(ngram_max, size - 1) + 1):
+        alive &= (ends >= n - 1) & (arr[np.maximum(ends - n + 1, 0)] == arr[size - n])
+        length += alive
+    best = length.max()
+    if best < ngram_min:
+        return None
+    start = int(ends[np.flatnonzero(length == best)[-1]]) + 1  # the most recent of the longest
+    follow = tokens[start:start + k]
+    return follow + [follow[-1]] * (k - len(follow))

@@ -1,6 +1,6 @@
 """The engine: the one loop where the host scheduler and the jitted step meet.
 
-Each `step()` plans with the scheduler, uploads the plan in one `device_put`, dispatches the
+Each `step()` plans with the scheduler, uploads the plan as two buffers, dispatches the
 jitted step asynchronously and only then reads the *previous* step's tokens, so the device is
 never idle while the host does its bookkeeping (`engine.async_scheduling`; off = read at once).
 
@@ -214,7 +214,9 @@ class Engine:
 
     # ---- the loop -------------------------------------------------------------------------------
     def _dispatch(self, plan: StepPlan):
-        ints, floats = jax.device_put(pack(plan.arrays, plan.layout), self._batch_sharding)
+        ints, floats = pack(plan.arrays, plan.layout)
+        if self.mesh is not None:  # laid out on the mesh; one device takes numpy straight (~0.1 ms less)
+            ints, floats = jax.device_put((ints, floats), self._batch_sharding)
         if self.cfg.debug_poison_freed_pages and plan.freed_pages:
             pages = np.full(bucket(len(plan.freed_pages), (2 ** i for i in range(31)), "pages"),
                             self.cache.num_pages, np.int32)

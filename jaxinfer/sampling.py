@@ -48,25 +48,29 @@ def allowed_logits(logits, p: SamplingParams):
     """Temperature-scaled logits with every token outside the top-k / top-p / min-p set at -inf.
 
     logits: [B, V] float32. Order as in Hugging Face and vLLM: temperature, top-k, top-p, min-p.
+    The sort that top-k and top-p need is skipped when no row asks for either.
     """
     v = logits.shape[-1]
     t = jnp.where(p.temperature > 0, p.temperature, 1.0)[:, None]
     x = logits / t
-    desc = -jnp.sort(-x, axis=-1)  # [B, V]
-    k = jnp.where(p.top_k > 0, jnp.minimum(p.top_k, v), v)
-    kth = jnp.take_along_axis(desc, (k - 1)[:, None], axis=-1)
-    x = jnp.where(x < kth, -jnp.inf, x)
-    desc = jnp.where(jnp.arange(v)[None] < k[:, None], desc, -jnp.inf)
-    # top-p: keep the smallest prefix of the sorted tokens whose mass reaches top_p (at least one).
-    probs = jax.nn.softmax(desc, axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep = (mass_before < p.top_p[:, None]) | (jnp.arange(v)[None] == 0)
-    cutoff = jnp.min(jnp.where(keep, desc, jnp.inf), axis=-1, keepdims=True)
-    x = jnp.where(x < cutoff, -jnp.inf, x)
+
+    def truncate(x):
+        desc = -jnp.sort(-x, axis=-1)  # [B, V]
+        k = jnp.where(p.top_k > 0, jnp.minimum(p.top_k, v), v)
+        kth = jnp.take_along_axis(desc, (k - 1)[:, None], axis=-1)
+        x = jnp.where(x < kth, -jnp.inf, x)
+        desc = jnp.where(jnp.arange(v)[None] < k[:, None], desc, -jnp.inf)
+        # top-p: keep the smallest prefix of the sorted tokens whose mass reaches top_p (at least one).
+        probs = jax.nn.softmax(desc, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        keep = (mass_before < p.top_p[:, None]) | (jnp.arange(v)[None] == 0)
+        cutoff = jnp.min(jnp.where(keep, desc, jnp.inf), axis=-1, keepdims=True)
+        return jnp.where(x < cutoff, -jnp.inf, x)
+
+    x = jax.lax.cond(jnp.any((p.top_k > 0) | (p.top_p < 1)), truncate, lambda x: x, x)
     # min-p: drop tokens whose probability is below min_p times the top token's.
     probs = jax.nn.softmax(x, axis=-1)
-    x = jnp.where(probs < p.min_p[:, None] * jnp.max(probs, axis=-1, keepdims=True), -jnp.inf, x)
-    return x
+    return jnp.where(probs < p.min_p[:, None] * jnp.max(probs, axis=-1, keepdims=True), -jnp.inf, x)
 
 
 def sample(logits, p: SamplingParams, step):

@@ -11,9 +11,28 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxinfer.messages import Layout
 from jaxinfer.sampling import draw, processed_probs
+
+
+def draft_step(model, cache, tokens, batch, layout: Layout, last, num_new, impl: str):
+    """The draft's part of a serving step, after the target sampled: it reads the step's prompt
+    chunks, then proposes k tokens after each row's `last` [R] (num_new [R]: tokens the row kept).
+    -> (draft cache, drafts [R, k], probabilities [R, k, V])."""
+    from jaxinfer.step import forward, group_batch
+
+    k = layout.num_drafts
+    groups = {g.name: g for g in layout.groups}
+    if "prefill" in groups:
+        sub, sub_layout, toks = group_batch(batch, layout, groups["prefill"])
+        _, cache = forward(model, cache, tokens[toks], sub, sub_layout, impl)
+    # `last` sits where the row's kept tokens end: a verify row drops k + 1 - num_new of its k + 1.
+    dropped = np.concatenate([np.full(g.num_rows, k + 1 if g.name == "verify" else 1) for g in layout.groups])
+    start = batch.kv_lens - jnp.asarray(dropped, jnp.int32) + num_new
+    before = tokens[batch.logits_index + num_new - 1]  # the kept token before `last`
+    return propose(model, cache, batch, before, last, start, batch.sample_step + num_new, k, impl)
 
 
 def propose(model, cache, batch, before, last, start, first_index, k: int, impl: str):

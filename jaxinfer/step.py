@@ -7,7 +7,7 @@ over the flat tokens; attention runs per group through the `kernels.paged_attent
 A decode row's input token may be the one the previous step sampled, still on device
 (`prev_index`), so the host never waits for it before dispatching. Verify rows accept a prefix of
 their drafts by exact rejection sampling (`sampling.verify`); with a draft model, the same step
-also runs the draft over the same tokens and proposes the next k drafts (`speculative`).
+then proposes every row's next k drafts (`speculative.draft_step`).
 """
 
 from __future__ import annotations
@@ -86,21 +86,47 @@ def group_batch(batch: StepBatch, layout: Layout, g) -> tuple[StepBatch, Layout,
 TOKEN_FIELDS = {f.name for f in messages.FIELDS if f.per == "token"}
 
 
-def forward(graphdef, params, cache, tokens, batch: StepBatch, layout: Layout, impl: str):
-    """One model over the step's flat tokens -> (model, final hidden [N, D], cache)."""
-    model = nnx.merge(graphdef, params)
+def forward(model, cache, tokens, batch: StepBatch, layout: Layout, impl: str):
+    """The model over the step's flat tokens [N] -> (final hidden [N, D], cache)."""
     attend = partial(paged_attend, batch=batch, layout=layout, sliding_window=model.cfg.sliding_window, impl=impl)
     hidden, cache = model(tokens[None], batch.positions[None], cache, attend=attend)
-    return model, hidden[0], cache
+    return hidden[0], cache
 
 
 def _rows(params: SamplingParams, idx) -> SamplingParams:
     return jax.tree.map(lambda x: x[idx], params)
 
 
+def sample_rows(model, hidden, tokens, batch: StepBatch, layout: Layout, draft_probs=None):
+    """Plain rows (decode, prefill) sample one token at logits_index; verify rows score all k + 1
+    and keep a prefix of their drafts. -> (tokens [R, k+1], num_new [R], logprobs [R, k+1]).
+    draft_probs [Rmax, k, V]: the previous step's draft-model proposals (None: n-gram drafts)."""
+    k, num_rows = layout.num_drafts, layout.num_rows
+    plain = np.array([r for g in layout.groups if g.name != "verify"
+                      for r in range(g.first_row, g.first_row + g.num_rows)], np.int32)
+    out_tokens = jnp.zeros((num_rows, k + 1), jnp.int32)
+    out_logprobs = jnp.zeros((num_rows, k + 1), jnp.float32)
+    num_new = jnp.ones(num_rows, jnp.int32)
+    if len(plain):
+        logits = model.logits(hidden[batch.logits_index[plain]])  # [Rp, V]
+        new, lp = sample(logits, _rows(batch.sampling, plain), batch.sample_step[plain])
+        out_tokens, out_logprobs = out_tokens.at[plain, 0].set(new), out_logprobs.at[plain, 0].set(lp)
+    for g in (g for g in layout.groups if g.name == "verify"):
+        rows = np.arange(g.first_row, g.first_row + g.num_rows)
+        toks = slice(g.first_token, g.first_token + g.num_rows * g.query_len)
+        logits = model.logits(hidden[toks]).reshape(g.num_rows, k + 1, -1)  # [Bv, k+1, V]
+        drafts = tokens[toks].reshape(g.num_rows, k + 1)[:, 1:]
+        q = jax.nn.one_hot(drafts, logits.shape[-1], dtype=jnp.float32)  # n-gram drafts: deterministic
+        if draft_probs is not None:  # the draft model's own distributions, from the step that proposed them
+            src = batch.draft_src[rows]
+            q = jnp.where((src >= 0)[:, None, None], draft_probs[jnp.clip(src, 0, draft_probs.shape[0] - 1)], q)
+        new, n, lp = verify(logits, drafts, q, _rows(batch.sampling, rows), batch.sample_step[rows])
+        out_tokens, out_logprobs, num_new = out_tokens.at[rows].set(new), out_logprobs.at[rows].set(lp), num_new.at[rows].set(n)
+    return out_tokens, num_new, out_logprobs
+
+
 def step(graphdef, param_def, param_leaves, cache: PagedKVCache, ints, floats, prev_tokens, draft_leaves=None,
-         draft=None, *,
-         layout: Layout, attention_impl: str = "auto", draft_graphdef=None, draft_param_def=None):
+         draft=None, *, layout: Layout, attention_impl: str = "auto", draft_graphdef=None, draft_param_def=None):
     """-> (cache, draft, last [Rmax], tokens [Rmax, k+1], num_new [Rmax], logprobs [Rmax, k+1],
     drafts [Rmax, k]); rows past R are zero so every output has one shape whatever the bucket.
     `prev_tokens` [Rmax] is the previous step's `last` (each row's last sampled token).
@@ -114,49 +140,18 @@ def step(graphdef, param_def, param_leaves, cache: PagedKVCache, ints, floats, p
     r_max, k, num_rows = prev_tokens.shape[0], layout.num_drafts, layout.num_rows
     prev = prev_tokens[jnp.clip(batch.prev_index, 0, r_max - 1)]
     tokens = jnp.where(batch.prev_index >= 0, prev, batch.tokens)
-    model, hidden, cache = forward(graphdef, jax.tree.unflatten(param_def, param_leaves), cache, tokens, batch,
-                                   layout, attention_impl)
-    # Plain rows (decode, prefill) sample one token at logits_index; verify rows score all k + 1.
-    groups = {g.name: g for g in layout.groups}
-    plain = np.array([r for g in layout.groups if g.name != "verify"
-                      for r in range(g.first_row, g.first_row + g.num_rows)], np.int32)
-    out_tokens = jnp.zeros((num_rows, k + 1), jnp.int32)
-    out_logprobs = jnp.zeros((num_rows, k + 1), jnp.float32)
-    num_new = jnp.ones(num_rows, jnp.int32)
-    if len(plain):
-        logits = model.logits(hidden[batch.logits_index[plain]])  # [Rp, V]
-        new, lp = sample(logits, _rows(batch.sampling, plain), batch.sample_step[plain])
-        out_tokens, out_logprobs = out_tokens.at[plain, 0].set(new), out_logprobs.at[plain, 0].set(lp)
-    if "verify" in groups:
-        g = groups["verify"]
-        rows = np.arange(g.first_row, g.first_row + g.num_rows)
-        toks = slice(g.first_token, g.first_token + g.num_rows * g.query_len)
-        logits = model.logits(hidden[toks]).reshape(g.num_rows, k + 1, -1)  # [Bv, k+1, V]
-        drafts = tokens[toks].reshape(g.num_rows, k + 1)[:, 1:]
-        src = batch.draft_src[rows]
-        q = jax.nn.one_hot(drafts, logits.shape[-1], dtype=jnp.float32)  # n-gram drafts: deterministic
-        if draft is not None:  # the draft model's own distributions, from the step that proposed them
-            q = jnp.where((src >= 0)[:, None, None], draft[1][jnp.clip(src, 0, r_max - 1)], q)
-        new, n, lp = verify(logits, drafts, q, _rows(batch.sampling, rows), batch.sample_step[rows])
-        out_tokens, out_logprobs, num_new = out_tokens.at[rows].set(new), out_logprobs.at[rows].set(lp), num_new.at[rows].set(n)
+    model = nnx.merge(graphdef, jax.tree.unflatten(param_def, param_leaves))
+    hidden, cache = forward(model, cache, tokens, batch, layout, attention_impl)
+    out_tokens, num_new, out_logprobs = sample_rows(model, hidden, tokens, batch, layout,
+                                                    None if draft is None else draft[1])
     last = jnp.take_along_axis(out_tokens, (num_new - 1)[:, None], axis=1)[:, 0]
     pad = r_max - num_rows
     proposals = jnp.zeros((r_max, k), jnp.int32)
     if draft is not None:
-        from jaxinfer.speculative import propose
+        from jaxinfer.speculative import draft_step
 
-        d_params = jax.tree.unflatten(draft_param_def, draft_leaves)
-        d_cache = draft[0]
-        if "prefill" in groups:  # prompt chunks; every other kept token's draft KV was written while proposing
-            g = groups["prefill"]
-            sub, sub_layout, toks = group_batch(batch, layout, g)
-            _, _, d_cache = forward(draft_graphdef, d_params, d_cache, tokens[toks], sub, sub_layout, attention_impl)
-        # `last` sits where the row's kept tokens end: a verify row drops k + 1 - num_new of its k + 1.
-        dropped = np.concatenate([np.full(g.num_rows, k + 1 if g.name == "verify" else 1) for g in layout.groups])
-        start = batch.kv_lens - jnp.asarray(dropped, jnp.int32) + num_new
-        before = tokens[batch.logits_index + num_new - 1]  # the kept token before `last` (maybe a draft with no KV)
-        d_cache, drafts, probs = propose(nnx.merge(draft_graphdef, d_params), d_cache, batch, before, last, start,
-                                         batch.sample_step + num_new, k, attention_impl)
+        d_model = nnx.merge(draft_graphdef, jax.tree.unflatten(draft_param_def, draft_leaves))
+        d_cache, drafts, probs = draft_step(d_model, draft[0], tokens, batch, layout, last, num_new, attention_impl)
         proposals = jnp.pad(drafts, ((0, pad), (0, 0)))
         draft = (d_cache, jnp.pad(probs, ((0, pad), (0, 0), (0, 0))))
     return (cache, draft, jnp.pad(last, (0, pad)), jnp.pad(out_tokens, ((0, pad), (0, 0))), jnp.pad(num_new, (0, pad)),

@@ -47,8 +47,7 @@ def repetitive(lengths, seed=0):
 
 
 @pytest.mark.parametrize("method,changes", [
-    ("ngram", {}),
-    ("draft", {"chunk_buckets": (8,), "prefix_caching": False}),
+    ("ngram", {"chunk_buckets": (8,), "prefix_caching": False}),  # prefix caching on: the warm-up test
     ("draft", {"async_scheduling": False, "fixed_table_width": False}),
     ("draft", {"num_pages": 24, "debug_poison_freed_pages": True}),  # preempts; freed pages are NaN
 ])
@@ -95,6 +94,24 @@ def test_no_recompiles_after_warmup_with_speculation_on():
     cs = e.generate(ps, [GREEDY, SamplingConfig(max_new_tokens=10, temperature=0.7)] * 4 + [GREEDY])
     assert_equals_dense(cs[::2], ps[::2])
     assert TRACES["step"] == traces and e.num_executables == before, "a step compiled after warm-up"
+
+
+def brute_force_ngram(tokens, k, lo, hi):
+    for n in range(min(hi, len(tokens) - 1), lo - 1, -1):
+        for start in range(len(tokens) - n - 1, -1, -1):
+            if tokens[start:start + n] == tokens[len(tokens) - n:]:
+                follow = tokens[start + n:start + n + k]
+                return follow + [follow[-1]] * (k - len(follow))
+    return None
+
+
+def test_ngram_proposals_equal_a_brute_force_search():
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        tokens = rng.integers(0, 4, rng.integers(1, 30)).tolist()
+        lo = int(rng.integers(1, 4))
+        hi = int(rng.integers(lo, 6))
+        assert ngram_propose(tokens, 3, lo, hi) == brute_force_ngram(tokens, 3, lo, hi), (tokens, lo, hi)
 
 
 def test_ngram_proposals():
