@@ -7,8 +7,8 @@ All in one run on this machine: prompts are the openings of held-out stories fro
 grammar (experiments/corpus.py); every request generates --new-tokens tokens (EOS ignored).
 Each engine is warmed up first (Engine.warmup: every step shape compiled; compile time reported
 apart); times are medians of --repeats runs. c, the draft/target cost ratio, is measured as the
-ratio of their plain decode step times at batch 1. Predicted speedup for per-token acceptance a:
-(1 - a^(k+1)) / ((1 - a) (k c + 1)).
+ratio of their plain decode step times at batch 1. Predicted speedup for per-token acceptance a
+(drafts kept / drafts examined): (1 - a^(k+1)) / ((1 - a) (k c + 1)); n-gram proposals count c = 0.
 """
 
 from __future__ import annotations
@@ -70,6 +70,17 @@ def measure(target, draft, tok, prompts, method, k, temperature, repeats, new_to
     return out
 
 
+def derive(row: dict, c: float) -> dict:
+    """Adds to a speculative row a (per-token acceptance: accepted / examined, from its stored
+    rates) and Leviathan's predicted speedup at that a, the measured c (0 for n-gram) and its k."""
+    if "tokens_per_verify" in row:
+        kept = row["tokens_per_verify"] - 1  # per verify step
+        rejected = 1 - (row["acceptance_by_position"][-1] if row["acceptance_by_position"] else 0)
+        row["a"] = kept / (kept + rejected) if kept + rejected else 1.0
+        row["predicted"] = predicted(row["a"], c if row["method"] == "draft" else 0.0, row["k"])
+    return row
+
+
 def predicted(a: float, c: float, k: int) -> float:
     return (1 - a ** (k + 1)) / ((1 - a) * (k * c + 1)) if a < 1 else (k + 1) / (k * c + 1)
 
@@ -114,7 +125,9 @@ def main(argv=None) -> int:
     ap.add_argument("--plot-only", metavar="SUMMARY", help="redraw the plot of an earlier run's summary.json")
     args = ap.parse_args(argv)
     if args.plot_only:
-        plot(json.loads(Path(args.plot_only).read_text()), Path(args.plot_only).with_name("speedup.png"))
+        report = json.loads(Path(args.plot_only).read_text())
+        report["rows"] = [derive(r, report["c"]) for r in report["rows"]]
+        plot(report, Path(args.plot_only).with_name("speedup.png"))
         return 0
     ks = [int(k) for k in args.ks.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
@@ -131,7 +144,7 @@ def main(argv=None) -> int:
     c = plain_draft["step_ms"] / plain_target["step_ms"]
     print(f"c = draft/target step time = {plain_draft['step_ms']:.3f} / {plain_target['step_ms']:.3f} ms = {c:.3f}")
     header = f"{'batch':>5} {'temp':>4} {'method':>6} {'k':>2} {'tok/s':>8} {'x plain':>7} {'predicted':>9} " \
-             f"{'accept':>6} {'tok/verify':>10} {'step ms':>7} {'host ms':>7} {'compile s':>9}"
+             f"{'a':>6} {'tok/verify':>10} {'step ms':>7} {'host ms':>7} {'compile s':>9}"
     print(header)
     for b in batches:
         for t in temps:
@@ -140,11 +153,9 @@ def main(argv=None) -> int:
                 [("draft", k) for k in ks[-2:-1] or ks] + [("ngram", k) for k in ks[-2:-1] or ks]
             for r in [base] + [run(m, target, draft, k, t, b) for m, k in combos]:
                 r["speedup"] = r["tok_s"] / base["tok_s"]
-                if "acceptance" in r:
-                    r["predicted"] = predicted(r["acceptance"], c if r["method"] == "draft" else 0.0, r["k"])
-                rows.append(r)
+                rows.append(derive(r, c))
                 print(f"{b:>5} {t:>4} {r['method']:>6} {r['k']:>2} {r['tok_s']:>8.1f} {r['speedup']:>7.2f} "
-                      f"{r.get('predicted', float('nan')):>9.2f} {r.get('acceptance', float('nan')):>6.3f} "
+                      f"{r.get('predicted', float('nan')):>9.2f} {r.get('a', float('nan')):>6.3f} "
                       f"{r.get('tokens_per_verify', float('nan')):>10.2f} {r['step_ms']:>7.2f} {r['host_ms']:>7.2f} "
                       f"{r['compile_s']:>9.1f}", flush=True)
     report = {"c": c, "plain_target": plain_target, "plain_draft": plain_draft, "rows": rows, "args": vars(args),

@@ -81,7 +81,9 @@ def summarize(completions, records=(), page_size: int | None = None, num_preempt
 
 def speculation(completions) -> dict:
     """Speculative decoding, over requests that verified drafts: drafts proposed and accepted, the
-    acceptance rate, the mean tokens a verify step yields (accepted + 1) and the rate per draft position."""
+    acceptance rate (accepted / proposed), the per-token acceptance a (accepted / examined: the
+    a of (1 - a^(k+1)) / (1 - a)), the mean tokens a verify step yields (accepted + 1) and, per
+    draft position j, the fraction of verify steps that kept draft j."""
     spec = [c for c in completions if getattr(c, "num_verify_steps", 0)]
     if not spec:
         return {}
@@ -89,7 +91,10 @@ def speculation(completions) -> dict:
     steps = sum(c.num_verify_steps for c in spec)
     k = max(len(c.accepted_at) for c in spec)
     by_position = [sum(c.accepted_at[j] for c in spec if len(c.accepted_at) > j) / steps for j in range(k)]
+    rejected = steps - sum(c.accepted_at[k - 1] for c in spec if len(c.accepted_at) == k)  # steps not all kept
     return {"spec_proposed": proposed, "spec_accepted": accepted, "spec_acceptance_rate": accepted / max(proposed, 1),
+            # a of Leviathan et al.: P(a draft is kept | the ones before it were), from the drafts examined
+            "spec_per_token_acceptance": accepted / max(accepted + rejected, 1),
             "spec_mean_accepted_length": (accepted + steps) / steps, "spec_verify_steps": steps,
             "spec_acceptance_by_position": by_position}
 

@@ -76,6 +76,7 @@ def test_speculation_metrics():
     s = summarize([a, b, completion(0.0, 0.0, [1.0])])  # the third never verified: left out
     assert s["spec_acceptance_rate"] == 6 / 12 and s["spec_mean_accepted_length"] == (6 + 4) / 4
     assert s["spec_acceptance_by_position"] == [3 / 4, 2 / 4, 1 / 4]
+    assert s["spec_per_token_acceptance"] == 6 / (6 + 4 - 1)  # 6 kept; 3 of 4 steps ended on a rejection
     assert "tokens / verify step" in format_table({"draft": s})
     assert "spec_acceptance_rate" not in summarize([completion(0.0, 0.0, [1.0])])
 

@@ -31,8 +31,8 @@ def noisy_draft(scale: float = 0.1) -> Model:
 
 
 # Few shapes (each compile of a step with a draft model costs seconds on CPU).
-SMALL = dict(max_num_seqs=8, decode_row_buckets=(0, 8), prefill_row_buckets=(0, 2), chunk_buckets=(16,),
-             fixed_table_width=True)
+SMALL = dict(max_num_seqs=8, max_model_len=64, decode_row_buckets=(0, 8), prefill_row_buckets=(0, 2),
+             chunk_buckets=(16,), fixed_table_width=True)
 
 
 def spec_engine(method, k=3, draft=None, **changes) -> Engine:
@@ -77,23 +77,30 @@ def test_speculative_rows_mix_with_sampled_and_plain_rows():
 
 def test_a_draft_equal_to_the_target_accepts_everything():
     ps = prompts([5, 40])  # 40: three prefill chunks, then the draft's KV comes from its own proposals
-    cs = spec_engine("draft", k=4, draft=model()).generate(ps, GREEDY)
+    cs = spec_engine("draft", k=3, draft=model()).generate(ps, GREEDY)
     assert_equals_dense(cs, ps)
     for c in cs:
-        assert c.num_accepted == c.num_proposed > 0 and c.accepted_at == [c.num_verify_steps] * 4
-        assert c.acceptance_rate == 1.0 and c.mean_accepted_length == 5.0
+        assert c.num_accepted == c.num_proposed > 0 and c.accepted_at == [c.num_verify_steps] * 3
+        assert c.acceptance_rate == 1.0 and c.mean_accepted_length == 4.0
 
 
 def test_no_recompiles_after_warmup_with_speculation_on():
-    e = spec_engine("ngram", k=2)
+    """A model of its own (executables are shared by engines over one model structure), so the
+    count after warm-up is exact: one per reachable layout, and not one more under traffic."""
+    from jaxinfer.models import init_model
+
+    own = init_model(dataclasses.replace(CFG, num_layers=1), seed=4)
+    e = Engine(own, None, EngineConfig(**{**BASE.__dict__, **SMALL, "speculative": SpeculativeConfig(
+        method="ngram", num_speculative_tokens=2)}))
+    assert e.num_executables == 0
     report = e.warmup()
     assert report["num_layouts"] == len(e.scheduler.layouts()) == 7  # decode x verify x prefill, less empty
-    assert e.num_executables >= report["num_layouts"]
-    before, traces = e.num_executables, TRACES["step"]
-    ps = repetitive([3, 30, 1, 12, 5, 7, 20, 2, 9])
+    assert e.num_executables == 7
+    traces = TRACES["step"]
+    ps = repetitive([3, 11, 1, 12, 5, 7, 10, 2, 9])
     cs = e.generate(ps, [GREEDY, SamplingConfig(max_new_tokens=10, temperature=0.7)] * 4 + [GREEDY])
-    assert_equals_dense(cs[::2], ps[::2])
-    assert TRACES["step"] == traces and e.num_executables == before, "a step compiled after warm-up"
+    assert all(c.error is None for c in cs) and sum(c.num_verify_steps for c in cs) > 0
+    assert TRACES["step"] == traces and e.num_executables == 7, "a step compiled after warm-up"
 
 
 def brute_force_ngram(tokens, k, lo, hi):
@@ -140,6 +147,28 @@ def test_a_draft_must_match_the_target():
     other = Model(dataclasses.replace(CFG, vocab_size=128), model().graphdef, model().params)
     with pytest.raises(ValueError, match="vocabulary"):
         Engine(model(), None, cfg, draft=other)
+
+
+def test_load_draft_checks_the_folder_and_the_tokenizer(tmp_path):
+    import shutil
+    from pathlib import Path
+
+    from jaxinfer.checkpoint import CheckpointError, build, load_draft
+    from jaxinfer.config import RunConfig, resolve_path
+
+    def run_cfg(folder):
+        spec = SpeculativeConfig(method="draft", draft_model=str(folder))
+        return RunConfig(checkpoint="package:reference/target", engine=EngineConfig(speculative=spec))
+
+    target, tok, _, _ = build(run_cfg("unused"))
+    assert load_draft(run_cfg("package:reference/draft"), target, tok).cfg.vocab_size == target.cfg.vocab_size
+    with pytest.raises(CheckpointError, match="no such folder"):
+        load_draft(run_cfg(tmp_path / "missing"), target, tok)
+    other = tmp_path / "draft-other-tokenizer"
+    shutil.copytree(resolve_path("package:reference/draft"), other)
+    shutil.copy(Path(__file__).parent / "fixtures/hf/llama2/tokenizer.json", other / "tokenizer.json")
+    with pytest.raises(CheckpointError, match="another tokenizer than the target"):
+        load_draft(run_cfg(other), target, tok)
 
 
 # ---- the acceptance rule, in distribution ---------------------------------------------------------------
