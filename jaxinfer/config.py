@@ -138,6 +138,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 512  # token budget per step, decodes and prefill chunks together
     decode_row_buckets: tuple[int, ...] = (0, 1, 2, 4, 8, 16, 32, 64)
     prefill_row_buckets: tuple[int, ...] = (0, 1, 2, 4)
+    # Speculative verify rows (k + 1 tokens each); None: decode_row_buckets. Each bucket multiplies
+    # the step shapes to compile (Engine.warmup), so fewer here keeps speculation's compile budget small.
+    verify_row_buckets: tuple[int, ...] | None = None
     chunk_buckets: tuple[int, ...] = (16, 32, 64, 128, 256, 512)  # the largest is the chunk size
     # Block tables as wide as the context (one shape: far fewer compiles) or as the step's longest
     # row needs, in powers of two (the jnp reference attention gathers every listed page, kernels
@@ -161,8 +164,10 @@ class EngineConfig:
         if self.num_pages is not None and self.num_pages < 1:
             raise ValueError(f"engine.num_pages={self.num_pages}: the KV cache needs at least one page "
                              "(or leave it unset for room for max_num_seqs full requests)")
-        for name in ("decode_row_buckets", "prefill_row_buckets", "chunk_buckets"):
+        for name in ("decode_row_buckets", "prefill_row_buckets", "chunk_buckets", "verify_row_buckets"):
             values = getattr(self, name)
+            if values is None and name == "verify_row_buckets":
+                continue
             if not values or min(values) < (1 if name == "chunk_buckets" else 0):
                 raise ValueError(f"engine.{name}={list(values)}: needs at least one size, each "
                                  f">= {1 if name == 'chunk_buckets' else 0}")

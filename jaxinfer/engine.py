@@ -2,7 +2,8 @@
 
 Each `step()` plans with the scheduler, uploads the plan as two buffers, dispatches the
 jitted step asynchronously and only then reads the *previous* step's tokens, so the device is
-never idle while the host does its bookkeeping (`engine.async_scheduling`; off = read at once).
+never idle while the host does its bookkeeping (`engine.async_scheduling`; off = read at once;
+with speculation on, each step is read before the next is planned: its kept count decides it).
 
 Threads and interrupts: one thread steps at a time (`step`, `generate`, `stream`,
 `run_until_done`; a concurrent second caller gets `EngineBusy`); `add_request`, `abort` and
@@ -29,7 +30,7 @@ from jaxinfer import sharding
 from jaxinfer.cache import PagedKVCache
 from jaxinfer.config import EngineConfig, RunConfig, SamplingConfig
 from jaxinfer.generate import cut_at_stop_string
-from jaxinfer.messages import StepOutput, StepPlan, pack
+from jaxinfer.messages import StepOutput, StepPlan, empty_arrays, pack
 from jaxinfer.models import Model, dtype_of
 from jaxinfer.scheduler import Request, Scheduler, Status, bucket, check_token_ids, validate
 from jaxinfer.step import compile_step, poison_pages
@@ -161,7 +162,8 @@ class Engine:
         if cfg.fixed_table_width is None:
             cfg = self.cfg = dataclasses.replace(cfg, fixed_table_width=jax.default_backend() != "cpu")
         self.scheduler = Scheduler(cfg, num_pages, self.max_model_len, clock)
-        self.num_out_rows = max(cfg.decode_row_buckets) * (2 if self.num_drafts else 1) + max(cfg.prefill_row_buckets)
+        self.num_out_rows = (max(cfg.decode_row_buckets) + max(cfg.prefill_row_buckets)
+                             + (max(self.scheduler.verify_buckets) if self.num_drafts else 0))
         self._init_device_state()
         self._param_leaves, self._param_def = jax.tree.flatten(self.params)
         self._draft_leaves, self._draft_def = (None, None) if draft is None else jax.tree.flatten(self.draft_params)
@@ -319,19 +321,21 @@ class Engine:
         finally:
             self._stepping.release()
 
-    def warmup(self) -> dict:
+    def warmup(self, progress: bool = True) -> dict:
         """Compiles every step shape the configuration can reach (Scheduler.layouts), so none
         compiles in the middle of traffic. Each runs once on an all-padding plan, which writes
-        nothing. -> {"num_layouts", "num_executables", "compile_s"}. Needs an idle engine."""
-        from jaxinfer.messages import empty_arrays
-
+        nothing. -> {"num_layouts", "num_executables", "compile_s"}. Needs an idle engine.
+        The count grows with every bucket list (engine.*_buckets) and table width: the default
+        config reaches ~1,000 shapes on CPU and ~130 with fixed_table_width; size them to fit."""
         with self._lock:
             if self.has_work():
                 raise RuntimeError("Engine.warmup() needs an idle engine: call it before adding requests")
             layouts = self.scheduler.layouts()
         t0 = time.perf_counter()
         pad_slot = self.num_pages * self.cfg.page_size
-        for layout in layouts:
+        from tqdm import tqdm
+
+        for layout in tqdm(layouts, desc="Engine.warmup", unit="shape", leave=False, disable=not progress):
             plan = StepPlan(-1, layout, empty_arrays(layout, pad_slot), [], 0, [])
             _, out = self._dispatch(plan)
             self._read(*out)
@@ -340,8 +344,9 @@ class Engine:
 
     @property
     def num_executables(self) -> int:
-        """Step executables compiled for this engine's model structure (shared by engines over it)."""
-        return self._step._cache_size()
+        """Step executables compiled for this engine's model structure (shared by engines over it);
+        -1 where this jax does not say (`_cache_size` is jit's own count)."""
+        return getattr(self._step, "_cache_size", lambda: -1)()
 
     def run_until_done(self) -> None:
         while self.has_work():

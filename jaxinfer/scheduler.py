@@ -229,6 +229,8 @@ class Scheduler:
         self.max_prefill_rows = max(cfg.prefill_row_buckets)
         self.max_rows = min(cfg.max_num_seqs, max(cfg.decode_row_buckets))  # all rows may be decodes
         self.num_drafts = cfg.speculative.num_drafts  # k (0: no speculation)
+        self.verify_buckets = cfg.verify_row_buckets if cfg.verify_row_buckets is not None else cfg.decode_row_buckets
+        self.max_verify_rows = max(self.verify_buckets)
         self.alloc = PageAllocator(num_pages, cfg.prefix_caching)
         self.clock = clock
         self.waiting: collections.deque[Request] = collections.deque()
@@ -406,14 +408,14 @@ class Scheduler:
         budget = self.cfg.max_num_batched_tokens
         step_id = next(self.step_ids)
         rows: list[tuple[Request, int, list[int] | None]] = []  # (request, tokens this step, drafts)
-        num_prefill = 0
+        num_prefill = num_verify = 0
         preempted = False
         for req in list(self.running):
             if req.status != Status.RUNNING or req.num_generated >= req.sampling.max_new_tokens:
                 continue
             n = min(req.num_tokens - req.num_computed, budget, self.chunk_size)
             drafts = self._drafts_for(req, step_id) if n == 1 else None
-            if drafts is not None and budget >= len(drafts) + 1:
+            if drafts is not None and budget >= len(drafts) + 1 and num_verify < self.max_verify_rows:
                 n = len(drafts) + 1
             else:
                 drafts = None
@@ -429,6 +431,7 @@ class Scheduler:
                 continue
             rows.append((req, n, drafts))
             num_prefill += n > 1 and not drafts
+            num_verify += drafts is not None
             budget -= n
         while self.waiting and not preempted and budget > 0 and len(rows) < self.max_rows:
             req = self.waiting[0]
@@ -466,7 +469,7 @@ class Scheduler:
 
         rows, budget = self.max_rows, cfg.max_num_batched_tokens
         decode = [(0, 0)] + reachable(cfg.decode_row_buckets, rows)
-        verify = [(0, 0)] + (reachable(cfg.decode_row_buckets, rows) if k else [])
+        verify = [(0, 0)] + (reachable(self.verify_buckets, rows) if k else [])
         prefill = [(0, 0)] + reachable(cfg.prefill_row_buckets, min(rows, self.max_prefill_rows))
         chunks = reachable(cfg.chunk_buckets, min(self.chunk_size, budget), low=2)
         out = []
@@ -486,7 +489,7 @@ class Scheduler:
         tp = bucket(max(n for _, n, _ in prefill), cfg.chunk_buckets, "chunk") if prefill else 0
         layout = Layout(
             num_decode_rows=bucket(len(decode), cfg.decode_row_buckets, "decode rows"),
-            num_verify_rows=bucket(len(verify), cfg.decode_row_buckets, "verify rows") if verify else 0,
+            num_verify_rows=bucket(len(verify), self.verify_buckets, "verify rows") if verify else 0,
             num_prefill_rows=bucket(len(prefill), cfg.prefill_row_buckets, "prefill rows"), chunk=tp,
             table_width=bucket(max(len(r.pages) for r, _, _ in rows), self.table_buckets, "pages per row"),
             num_drafts=k, propose=k > 0 and cfg.speculative.method == "draft")

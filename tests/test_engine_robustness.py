@@ -73,21 +73,24 @@ def test_interrupted_step_keeps_its_requests_queued(point, monkeypatch):
 
 def test_real_sigint_during_generate():
     """SIGINT delivered by the OS at arbitrary moments (a timer thread) never wedges the engine."""
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, signal.getsignal(signal.SIGINT)
     e = engine()
     e.generate(PS, GREEDY)  # compile first, so the interrupts land in steady-state steps
-    interrupted = 0
-    for delay in (0.002, 0.01, 0.03, 0.05, 0.08, 0.13):
-        timer = threading.Timer(delay, os.kill, (os.getpid(), signal.SIGINT))
-        timer.start()
-        try:
-            e.generate(PS, SamplingConfig(max_new_tokens=40))
-            time.sleep(0.2)  # a late signal lands here, not in the next round
-        except KeyboardInterrupt:
-            interrupted += 1
-        timer.join()
-        e.run_until_done()
-        assert_idle(e)
-    assert interrupted >= 3
+    interrupted = rounds = 0
+    while interrupted < 3 and rounds < 3:  # timing on a loaded machine varies: up to three rounds
+        rounds += 1
+        for delay in (0.002, 0.01, 0.03, 0.05, 0.08, 0.13):
+            timer = threading.Timer(delay, os.kill, (os.getpid(), signal.SIGINT))
+            timer.start()
+            try:
+                e.generate(PS, SamplingConfig(max_new_tokens=40))
+                time.sleep(0.2)  # a late signal lands here, not in the next round
+            except KeyboardInterrupt:
+                interrupted += 1
+            timer.join()
+            e.run_until_done()
+            assert_idle(e)
+    assert interrupted >= 3, f"{interrupted} of {6 * rounds} SIGINTs raised KeyboardInterrupt"
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     assert_equals_dense(e.generate(PS, GREEDY), PS)
 

@@ -117,3 +117,19 @@ def test_prefix_hits_compare_tokens_not_only_hashes(monkeypatch):
     same = s.add(list(range(9)), SamplingConfig(max_new_tokens=1))
     s.schedule()
     assert other.num_cached_tokens == 0 and same.num_cached_tokens == 8
+
+
+def test_layouts_count_the_shapes_a_configuration_reaches():
+    from jaxinfer.config import SpeculativeConfig
+
+    base = dict(page_size=4, max_model_len=128, max_num_seqs=32, max_num_batched_tokens=64, chunk_buckets=(8, 16, 32),
+                prefill_row_buckets=(0, 1, 2, 4), decode_row_buckets=(0, 1, 2, 4, 8, 16, 32))
+    count = lambda **kw: len(Scheduler(EngineConfig(**{**base, **kw}), 64, 128).layouts())  # noqa: E731
+    assert count(fixed_table_width=True) * 6 == count(fixed_table_width=False)  # widths 1, 2, 4, 8, 16, 32 pages
+    ngram = SpeculativeConfig(method="ngram", num_speculative_tokens=4)
+    assert count(fixed_table_width=True, speculative=ngram) > 4 * count(fixed_table_width=True)
+    few = count(fixed_table_width=True, speculative=ngram, verify_row_buckets=(0, 8))
+    assert few <= 2 * count(fixed_table_width=True) + 1  # verify rows: none or 8 (+ the verify-only step)
+    s = Scheduler(EngineConfig(**{**base, "fixed_table_width": True, "speculative": ngram, "verify_row_buckets": (0, 8)}),
+                  64, 128)
+    assert {lay.num_verify_rows for lay in s.layouts()} == {0, 8}
