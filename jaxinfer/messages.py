@@ -36,7 +36,6 @@ class Layout:
     chunk: int = 0  # Tp
     table_width: int = 1  # W: block-table entries per row
     num_drafts: int = 0  # k (engine-wide; 0 = no speculation)
-    propose: bool = False  # the draft model proposes k tokens for every row in this step
 
     @property
     def groups(self) -> tuple[Group, ...]:
@@ -115,10 +114,10 @@ def offsets(layout: Layout) -> dict[str, tuple[str, int, tuple[int, ...], str]]:
 
 def buffer_sizes(layout: Layout) -> tuple[int, int]:
     """(int32 elements, float32 elements) of a packed step."""
-    sizes = {"ints": 0, "floats": 0}
-    for f in FIELDS:
-        sizes[_buffer(f)] += int(np.prod(field_shape(f, layout)))
-    return sizes["ints"], sizes["floats"]
+    ends = {"ints": 0, "floats": 0}
+    for buf, start, shape, _ in offsets(layout).values():
+        ends[buf] = start + int(np.prod(shape))
+    return ends["ints"], ends["floats"]
 
 
 def pack(arrays: dict[str, np.ndarray], layout: Layout) -> tuple[np.ndarray, np.ndarray]:

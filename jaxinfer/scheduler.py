@@ -477,8 +477,7 @@ class Scheduler:
             for tp, n in (chunks if bp else [(0, 0)]):
                 real_rows, tokens = nd + nv + np_, nd + nv * (k + 1) + (max(np_ - 1, 0) * 2 + n if np_ else 0)
                 if 0 < real_rows <= rows and tokens <= budget:
-                    out += [Layout(bd, bv, bp, tp, w, k, k > 0 and cfg.speculative.method == "draft")
-                            for w in self.table_buckets]
+                    out += [Layout(bd, bv, bp, tp, w, k) for w in self.table_buckets]
         return out
 
     def _plan(self, step_id: int, rows: list[tuple[Request, int, list[int] | None]]) -> StepPlan:
@@ -492,7 +491,7 @@ class Scheduler:
             num_verify_rows=bucket(len(verify), self.verify_buckets, "verify rows") if verify else 0,
             num_prefill_rows=bucket(len(prefill), cfg.prefill_row_buckets, "prefill rows"), chunk=tp,
             table_width=bucket(max(len(r.pages) for r, _, _ in rows), self.table_buckets, "pages per row"),
-            num_drafts=k, propose=k > 0 and cfg.speculative.method == "draft")
+            num_drafts=k)
         a = empty_arrays(layout, pad_slot=self.alloc.num_pages * c)
         placed = []
         for group, members in zip(("decode", "verify", "prefill"), (decode, verify, prefill)):

@@ -75,15 +75,15 @@ def paged_attend(cache: PagedKVCache, layer, q, k, v, *, batch: StepBatch, layou
     return cache, jnp.concatenate(parts)[None]
 
 
+TOKEN_FIELDS = {f.name for f in messages.FIELDS if f.per == "token"}
+
+
 def group_batch(batch: StepBatch, layout: Layout, g) -> tuple[StepBatch, Layout, slice]:
     """One row group of the step as a step of its own: (batch, layout, its flat-token slice)."""
     rows, toks = slice(g.first_row, g.first_row + g.num_rows), slice(g.first_token, g.first_token + g.num_rows * g.query_len)
     sub = StepBatch(**{f.name: jax.tree.map(lambda x: x[toks if f.name in TOKEN_FIELDS else rows], getattr(batch, f.name))
                        for f in dataclasses.fields(StepBatch)})
     return sub, Layout(num_prefill_rows=g.num_rows, chunk=g.query_len, table_width=layout.table_width), toks
-
-
-TOKEN_FIELDS = {f.name for f in messages.FIELDS if f.per == "token"}
 
 
 def forward(model, cache, tokens, batch: StepBatch, layout: Layout, impl: str):
