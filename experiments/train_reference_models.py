@@ -221,7 +221,7 @@ def plot_curves(curves: dict, path: Path) -> None:
 
 
 def main(argv=None) -> dict:
-    from experiments.corpus import build_corpus
+    from jaxinfer.corpus import build_corpus
     from jaxinfer.checkpoint import load_model, save_hf
 
     import argparse

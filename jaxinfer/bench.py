@@ -12,7 +12,7 @@ import numpy as np
 
 from jaxinfer.config import BenchConfig, RunConfig, SamplingConfig, to_dict
 from jaxinfer.engine import Engine
-from jaxinfer.metrics import format_table, summarize
+from jaxinfer.metrics import format_table, goodput, summarize
 from jaxinfer.static import StaticBatcher
 
 MODES = ("continuous", "static", "sequential")  # static: dense cache reserved for engine.max_model_len
@@ -51,7 +51,7 @@ def run_continuous(engine: Engine, reqs, desc: str = "continuous"):
                 nxt += 1
             if engine.has_work():
                 engine.step()
-                for rid in [r for r, req in engine.scheduler.requests.items() if r in running and req.finish_reason]:
+                for rid in [r for r in running if engine.scheduler.get(r).finish_reason]:
                     done[running.pop(rid)] = engine.completion(rid)
                     bar.update(1)
             else:
@@ -62,11 +62,13 @@ def run_continuous(engine: Engine, reqs, desc: str = "continuous"):
 
 
 def run_mode(mode: str, model, cfg: RunConfig, reqs, draft=None):
-    """-> (completions, summary) of one mode over the workload (arrival offsets from now)."""
+    """-> (completions, summary, steps) of one mode over the workload (arrival offsets from now);
+    steps: (tokens, rows, live kv tokens) of every step run, the roofline's input."""
     if mode == "continuous":
         engine = Engine(model, None, cfg.engine, draft=draft)
         done = run_continuous(engine, reqs)
-        return done, summarize(done, engine.records, cfg.engine.page_size, engine.scheduler.num_preemptions)
+        steps = [(r.num_tokens, r.num_rows, r.live_tokens) for r in engine.records]
+        return done, summarize(done, engine.records, cfg.engine.page_size, engine.scheduler.num_preemptions), steps
     if mode in ("static", "sequential"):
         static = mode == "static"
         batcher = StaticBatcher(model, cfg.engine.max_num_seqs if static else 1, cfg.decode,
@@ -74,7 +76,7 @@ def run_mode(mode: str, model, cfg: RunConfig, reqs, draft=None):
         t0 = batcher.clock()
         with _progress(len(reqs), mode) as bar:
             done = batcher.run([(p, s, t0 + a) for p, s, a in reqs], progress=bar)
-        return done, summarize(done)
+        return done, summarize(done), batcher.steps
     raise ValueError(f"bench mode '{mode}' is unknown; choose from {', '.join(MODES)}")
 
 
@@ -103,9 +105,12 @@ def bench(cfg: RunConfig, model, out: str | Path | None = None, draft=None) -> d
     for mode in cfg.bench.modes:
         if cfg.bench.warmup:
             t0 = time.perf_counter()
-            run_mode(mode, model, cfg, [(p, s, 0.0) for p, s, _ in reqs], draft)
+            run_mode(mode, model, cfg, reqs, draft)  # the same arrivals: the same step shapes compile
             compile_s[mode] = time.perf_counter() - t0
-        _, results[mode] = run_mode(mode, model, cfg, reqs, draft)
+        done, results[mode], _ = run_mode(mode, model, cfg, reqs, draft)
+        b = cfg.bench
+        if b.slo_ttft_s or b.slo_tpot_s:
+            results[mode] |= goodput(done, results[mode]["wall_s"], b.slo_ttft_s, b.slo_tpot_s)
         results[mode]["warmup_s"] = compile_s.get(mode, float("nan"))
     print(format_table(results))
     report = {"results": results, "config": to_dict(cfg), "env": {

@@ -1,4 +1,5 @@
-"""The `jaxinfer` command: `generate` (default model, or --model HF_DIR), `bench` and `convert`.
+"""The `jaxinfer` command: `generate` (default model, or --model HF_DIR), `bench`, `run` and `report`
+(experiments), and `convert`.
 
 Bad input is one line on stderr and exit code 2, never a traceback."""
 
@@ -127,6 +128,51 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_run(args) -> int:
+    from jaxinfer.experiment.runner import run_experiment
+    from jaxinfer.experiment.spec import load_experiment
+
+    exp = load_experiment(args.config, args.overrides, smoke=args.smoke)
+    out = Path(args.out or (f"results/smoke/{exp.name}" if args.smoke else f"results/{exp.name}"))
+    if args.dry_run:
+        for r in exp.runs:
+            print(r.run_id)
+        print(f"{len(exp.runs)} runs of '{exp.name}' ({exp.spec.kind}) -> {out}")
+        return 0
+    from jaxinfer.compilation import enable_compilation_cache
+
+    enable_compilation_cache(exp.runs[0].cfg.compilation_cache)
+    print(f"{exp.name} ({exp.spec.kind}): {len(exp.runs)} runs -> {out}", flush=True)
+    run_experiment(exp, out, fresh=args.fresh)
+    from jaxinfer.experiment.report import report
+
+    print(report(out))
+    print(f"\nwrote {out}/ (report.md, one folder per run)")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from jaxinfer.experiment.report import readme_blocks, report
+
+    if args.readme:
+        path = Path(args.readme)
+        old = path.read_text()
+        new = readme_blocks(old, path.parent)
+        if args.check:
+            if new != old:
+                print(f"jaxinfer report: {path} has report blocks that no longer match their summaries; "
+                      f"run `jaxinfer report --readme {path}`", file=sys.stderr)
+                return 1
+            print(f"{path}: every report block matches its summaries")
+            return 0
+        path.write_text(new)
+        print(f"rewrote the report blocks of {path}")
+    for folder in args.folders:
+        print(report(folder))
+        print()
+    return 0
+
+
 def cmd_convert(args) -> int:
     from jaxinfer.checkpoint import load_hf, save_converted
 
@@ -199,6 +245,21 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--out", help="JSON path, checked for writing before the run (default: results/bench/<time>.json)")
     b.add_argument("overrides", **overrides)
     b.set_defaults(func=cmd_bench)
+    r = sub.add_parser("run", help="run an experiment YAML: every sweep point into results/NAME/RUN_ID/, then its report")
+    r.add_argument("config", help="an experiment YAML, e.g. configs/experiments/decode_roofline.yaml")
+    r.add_argument("--out", help="results folder (default: results/NAME, results/smoke/NAME with --smoke); "
+                                 "runs already done there are kept (resume)")
+    r.add_argument("--smoke", action="store_true", help="the experiment's reduced version (its smoke: overrides; CI runs these)")
+    r.add_argument("--fresh", action="store_true", help="discard the runs already in the results folder")
+    r.add_argument("--dry-run", action="store_true", help="list the runs and stop")
+    r.add_argument("overrides", nargs="*", help="dotted overrides of the base config or the experiment, "
+                                                "e.g. experiment.repeats=1 bench.output_len=32")
+    r.set_defaults(func=cmd_run)
+    rp = sub.add_parser("report", help="Markdown tables and plots from results folders; regenerate README blocks")
+    rp.add_argument("folders", nargs="*", help="results folders of `jaxinfer run` (writes report.md and PNGs into each)")
+    rp.add_argument("--readme", help="rewrite this file's <!-- report: FOLDER --> blocks from their summaries")
+    rp.add_argument("--check", action="store_true", help="with --readme: exit 1 if a block differs, write nothing")
+    rp.set_defaults(func=cmd_report)
     c = sub.add_parser("convert", help="convert a Hugging Face folder to an orbax checkpoint")
     c.add_argument("hf_dir", help="the Hugging Face folder (config.json + safetensors)")
     c.add_argument("out_dir", help="an empty or new folder (not hf_dir)")

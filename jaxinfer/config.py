@@ -189,10 +189,14 @@ class BenchConfig:
     seed: int = 0
     modes: tuple[str, ...] = ("continuous",)  # continuous | static | sequential (one by one via generate())
     warmup: bool = True  # run the workload once first so compilation stays out of the numbers
+    # Service-level objectives for goodput (requests meeting both per second); 0 = no limit.
+    slo_ttft_s: float = 0.0
+    slo_tpot_s: float = 0.0
 
     def __post_init__(self):
         _at_least(self, 1, "num_requests", "prompt_len", "output_len")
-        _at_least(self, 0, "prompt_len_max", "output_len_max", "shared_prefix_len", "arrival_rate")
+        _at_least(self, 0, "prompt_len_max", "output_len_max", "shared_prefix_len", "arrival_rate",
+                  "slo_ttft_s", "slo_tpot_s")
         if not math.isfinite(self.arrival_rate):
             raise ValueError(f"bench.arrival_rate={self.arrival_rate}: must be finite (0 = all at once)")
 
@@ -247,6 +251,14 @@ def _coerce(value, tp, key: str, where: str):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: '{key}' expects a mapping of {tp.__name__} fields, got {value!r}")
         return from_dict(tp, value, where=where, prefix=key + ".")
+    if origin is dict:  # dict[str, V]: string keys (YAML may give ints), values checked against V
+        (_, value_tp) = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: '{key}' expects a mapping, got {value!r}")
+        return {str(k): v if value_tp is typing.Any else _coerce(v, value_tp, f"{key}.{k}", where)
+                for k, v in value.items()}
+    if tp is typing.Any:
+        return value
     if origin is tuple:
         (item_tp, _) = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):

@@ -14,9 +14,28 @@ Definitions (all times in seconds on one clock):
 - Host overhead per step: step wall time minus the time blocked reading tokens back, as a
   fraction of the step's wall time. With async scheduling the device runs the next step meanwhile,
   so this is time the host needs, not time the device idles, as long as it stays below 1.
+- Goodput (given SLOs): requests whose TTFT <= bench.slo_ttft_s and TPOT <= bench.slo_tpot_s, per
+  second of the run's wall time.
+
+Roofline (`Footprint` of the model, `Machine` measured in the same run; `step_bound`):
+- Bytes a step reads: every weight once, *except* the input embedding table, of which a step reads
+  only the rows of its tokens (a tied table is read whole anyway, as the LM head); plus the live KV
+  of every row (kv tokens x layers x 2 (K and V) x KV heads x head dim x bytes).
+  Memory bound = bytes / measured read bandwidth.
+- FLOPs of a step: 2 x (weights of the layers) x tokens + 2 x (LM head weights) x logit rows (the
+  matmuls; attention's 4 x layers x heads x head dim x kv length per token is left out).
+  Compute bound = FLOPs / measured matmul peak.
+- A step's bound is the larger of the two (that one is "binding"); a run's bound is the sum over its
+  steps; "% of bound" = bound time / measured time (100% = at the roofline).
+- Cost: $ per 1M output tokens = price per device-hour x devices / 3600 / (output tokens/s) x 1e6,
+  prices from one table (jaxinfer/presets/prices.yaml, each with its source and date). Other
+  devices' costs are at *their* roofline for the same steps (spec-sheet bandwidth and peak): a
+  lower bound on what the run would cost there, not a measurement.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 
@@ -112,6 +131,7 @@ def format_table(results: dict[str, dict]) -> str:
              ("steps", "num_steps", 1, "{:.0f}"), ("host ms/step p50", ("host_s_per_step", "p50"), 1e3, "{:.2f}"),
              ("step ms p50", ("step_s", "p50"), 1e3, "{:.2f}"), ("host / step", "host_fraction_of_step", 1, "{:.3f}"),
              ("KV pages max", "kv_pages_used_max", 1, "{:.0f}"), ("KV slot occupancy", "kv_slot_occupancy_mean", 1, "{:.2f}"),
+             ("goodput req/s", "goodput_req_s", 1, "{:.2f}"), ("SLO attainment", "slo_attainment", 1, "{:.2f}"),
              ("drafts accepted", "spec_acceptance_rate", 1, "{:.3f}"),
              ("tokens / verify step", "spec_mean_accepted_length", 1, "{:.2f}")]
     modes = list(results)
@@ -124,3 +144,63 @@ def format_table(results: dict[str, dict]) -> str:
             cells.append(f"{fmt.format(v * scale):>{width}}" if isinstance(v, (int, float)) and v == v else f"{'-':>{width}}")
         lines.append(f"{label:<22}" + "".join(cells))
     return "\n".join(lines)
+
+
+def goodput(completions, wall_s: float, slo_ttft_s: float, slo_tpot_s: float) -> dict:
+    """Requests meeting both SLOs (a limit of 0 is no limit), per second and as a fraction."""
+    ok = [c for c in completions if c.error is None and c.token_times]
+    lat = [request_latencies(c) for c in ok]
+    met = sum((not slo_ttft_s or x["ttft"] <= slo_ttft_s) and (not slo_tpot_s or not x["tpot"] > slo_tpot_s)
+              for x in lat)
+    return {"goodput_req_s": met / max(wall_s, 1e-12), "slo_attainment": met / max(len(completions), 1)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Footprint:
+    """What one step of a model reads and computes, in plain numbers (from `experiment.machine.footprint`)."""
+
+    streamed_bytes: int  # weights read once per step: all but the input embedding table (unless tied)
+    embed_row_bytes: int  # one row of the input embedding table (read per token)
+    kv_bytes_per_token: int  # layers x 2 x KV heads x head dim x bytes: KV of one position
+    layer_params: int  # matmul weights applied to every token
+    head_params: int  # LM head (vocab x hidden): applied to rows that need logits
+
+
+@dataclasses.dataclass(frozen=True)
+class Machine:
+    """Measured (or spec-sheet) limits: read bandwidth in bytes/s, matmul peak in FLOP/s."""
+
+    read_bytes_per_s: float
+    peak_flops_per_s: float
+
+
+def step_bound(fp: Footprint, m: Machine, tokens: int, rows: int, kv_tokens: int) -> dict:
+    """Memory and compute lower bounds (seconds) of one step of `tokens` tokens over `rows` rows
+    (logit rows) reading `kv_tokens` live KV positions; the binding one is the larger."""
+    num_bytes = fp.streamed_bytes + tokens * fp.embed_row_bytes + kv_tokens * fp.kv_bytes_per_token
+    flops = 2 * fp.layer_params * tokens + 2 * fp.head_params * rows
+    memory_s, compute_s = num_bytes / m.read_bytes_per_s, flops / m.peak_flops_per_s
+    return {"bytes": num_bytes, "flops": flops, "memory_s": memory_s, "compute_s": compute_s,
+            "bound_s": max(memory_s, compute_s), "binding": "memory" if memory_s >= compute_s else "compute"}
+
+
+def run_bound(fp: Footprint, m: Machine, steps) -> dict:
+    """Sums `step_bound` over `steps` (tokens, rows, kv_tokens) triples; binding = the larger total."""
+    bounds = [step_bound(fp, m, *s) for s in steps]
+    memory_s, compute_s = sum(b["memory_s"] for b in bounds), sum(b["compute_s"] for b in bounds)
+    return {"bound_s": sum(b["bound_s"] for b in bounds), "memory_bound_s": memory_s, "compute_bound_s": compute_s,
+            "bytes_read": sum(b["bytes"] for b in bounds), "flops": sum(b["flops"] for b in bounds),
+            "binding": "memory" if memory_s >= compute_s else "compute"}
+
+
+def roofline_columns(bound: dict, measured_s: float, output_tokens: int) -> dict:
+    """The row's roofline columns: bound tokens/s, measured / bound (%), the binding limit."""
+    return {"bound_tok_s": output_tokens / bound["bound_s"] if bound["bound_s"] else float("nan"),
+            "pct_of_bound": 100 * bound["bound_s"] / measured_s if measured_s else float("nan"),
+            "binding": bound["binding"], "memory_bound_s": bound["memory_bound_s"],
+            "compute_bound_s": bound["compute_bound_s"]}
+
+
+def usd_per_million(tokens_per_s: float, usd_per_hour: float, num_devices: int = 1) -> float:
+    """$ per 1M tokens at `tokens_per_s` on `num_devices` devices of `usd_per_hour` each."""
+    return usd_per_hour * num_devices / 3600 / tokens_per_s * 1e6 if tokens_per_s > 0 else float("nan")

@@ -22,6 +22,7 @@ class StaticBatcher:
                  reserve_len: int | None = None, clock=time.perf_counter):
         self.gen = Generator(model, decode, reserve_len)
         self.max_batch, self.clock = max_batch, clock
+        self.steps: list[tuple[int, int, int]] = []  # (tokens, rows, live kv tokens) per step, for the roofline
 
     def run(self, requests: list[tuple[list[int], SamplingConfig, float]], stop_ids=(), progress=None) -> list[Completion]:
         """requests: (prompt ids, sampling, absolute arrival time), served in arrival order; a batch
@@ -37,6 +38,7 @@ class StaticBatcher:
             res = self.gen.generate([requests[i][0] for i in idx], [requests[i][1] for i in idx], stop_ids)
             end = self.clock()
             t = res.timing
+            self._account([len(requests[i][0]) for i in idx], max(len(x) for x in res.tokens))
             first = start + t.prefill_s
             per_step = t.decode_s / max(max(len(x) for x in res.tokens) - 1, 1)
             for j, i in enumerate(idx):
@@ -49,3 +51,10 @@ class StaticBatcher:
             if progress is not None:
                 progress.update(len(idx))
         return out
+
+    def _account(self, prompt_lens: list[int], num_new: int) -> None:
+        """The steps a batch ran: one prefill over the prompts, then num_new - 1 decode steps of every
+        row (a static batch steps its finished rows too, until the slowest is done)."""
+        total = sum(prompt_lens)
+        self.steps.append((total, len(prompt_lens), total))
+        self.steps += [(len(prompt_lens), len(prompt_lens), total + len(prompt_lens) * (i + 1)) for i in range(num_new - 1)]

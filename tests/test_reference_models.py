@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments.corpus import build_corpus
+from jaxinfer.corpus import build_corpus
 from experiments.train_reference_models import TrainConfig, token_stream, unigram_ppl, windows
 from jaxinfer.checkpoint import load_model, resolve_path
 from jaxinfer.config import SamplingConfig, load_config

@@ -43,16 +43,19 @@ def abstract_params(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
     return nnx.split(module)
 
 
+@partial(jax.jit, static_argnums=0)
+def _create(cfg: ModelConfig, seed):
+    # RBG, not the default threefry: XLA compiles it ~3.5x faster (2.1 s vs 7.6 s for a 1-layer
+    # model on the 2-core CPU), once per config (the seed is traced). Its values are reproducible
+    # for a seed on one backend, not across backends; random weights are for shapes and speed.
+    return nnx.split(Transformer(cfg, rngs=nnx.Rngs(jax.random.key(seed, impl="rbg"))))[1]
+
+
 def init_model(cfg: ModelConfig, seed: int = 0) -> Model:
     """Random init at real shapes, computed on device by one jitted function (no host copy first)."""
     cfg = dataclasses.replace(cfg, dtype=resolve_dtype(cfg.dtype))
     graphdef, _ = abstract_params(cfg)
-
-    @partial(jax.jit, static_argnums=0)
-    def create(cfg, seed):
-        return nnx.split(Transformer(cfg, rngs=nnx.Rngs(jax.random.key(seed))))[1]
-
-    return Model(cfg, graphdef, create(cfg, seed))
+    return Model(cfg, graphdef, _create(cfg, seed))
 
 
 def logical_axes(params: nnx.State):

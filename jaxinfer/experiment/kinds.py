@@ -1,0 +1,339 @@
+"""What each experiment kind measures: `KINDS[kind](run, ctx) -> (rows, requests)`. A row is one
+line of the results table (metrics by name, plus row labels such as `mode`); requests are the
+per-request records written as JSONL. Warm-up and compile are always timed apart."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+import time
+
+import numpy as np
+
+from jaxinfer.config import RunConfig, SamplingConfig
+from jaxinfer.metrics import request_latencies, roofline_columns, run_bound, speculation, usd_per_million
+
+ROOFLINE = ("bound_tok_s", "pct_of_bound", "binding", "usd_per_1m")
+
+
+class Context:
+    """What runs of one experiment share: loaded models (a few, by config), the machine's measured
+    limits (once per dtype), the price table, and cached baselines."""
+
+    def __init__(self, spec, prices: dict):
+        self.spec, self.prices, self._models, self.cache = spec, prices, {}, {}
+
+    def model(self, cfg: RunConfig):
+        """(model, tokenizer, label) of cfg's checkpoint / random init and quantization, cached."""
+        from jaxinfer.checkpoint import build
+
+        key = (cfg.checkpoint, cfg.tokenizer, cfg.seed, cfg.model)
+        if key not in self._models:
+            if len(self._models) >= 3:
+                self._models.pop(next(iter(self._models)))
+            model, tok, _, label = build(cfg)
+            self._models[key] = (model, tok, label)
+        return self._models[key]
+
+    def machine(self, dtype: str, streamed_bytes: int) -> dict:
+        """Read bandwidth over a buffer the size of what a step streams (whole MiB, at most
+        experiment.bandwidth_mb) and the matmul peak in `dtype`, each measured once per run of
+        `jaxinfer run` and kept in every env.json."""
+        from jaxinfer.experiment import machine
+
+        mib = min(max(1, -(-streamed_bytes // 2**20)), self.spec.bandwidth_mb)
+        if ("bandwidth", mib) not in self.cache:
+            self.cache["bandwidth", mib] = machine.bandwidth(mib * 2**20)
+        if ("peak", dtype) not in self.cache:
+            self.cache["peak", dtype] = machine.matmul_peak(self.spec.matmul_size, dtype)
+        return self.cache["bandwidth", mib] | self.cache["peak", dtype]
+
+    def measurements(self) -> list[dict]:
+        return [v for k, v in self.cache.items() if isinstance(k, tuple) and k[0] in ("bandwidth", "peak")]
+
+
+def device_price(prices: dict, device_kind: str) -> tuple[str | None, dict | None]:
+    """The price entry whose `match` prefix is the longest prefix of device_kind."""
+    hits = [p for p in prices.get("match", {}) if device_kind.startswith(p)]
+    if not hits:
+        return None, None
+    name = prices["match"][max(hits, key=len)]
+    return name, prices["devices"][name]
+
+
+def perf(row: dict, model, cfg: RunConfig, ctx: Context, steps, measured_s: float, output_tokens: int) -> dict:
+    """Adds the roofline and cost columns to a performance row: steps are (tokens, rows, kv tokens)."""
+    import jax
+
+    from jaxinfer.experiment.machine import as_machine, footprint
+    from jaxinfer.metrics import Machine
+
+    fp = footprint(model)
+    m = ctx.machine(model.cfg.dtype, fp.streamed_bytes)
+    bound = run_bound(fp, as_machine(m), steps)
+    row |= roofline_columns(bound, measured_s, output_tokens)
+    row |= {"read_gb_s": m["read_bytes_per_s"] / 1e9, "peak_gflops": m["peak_flops_per_s"] / 1e9,
+            "bandwidth_buffer_mib": m["bandwidth_buffer_bytes"] / 2**20,
+            "bytes_per_step": bound["bytes_read"] / max(len(steps), 1), "weight_mib": fp.streamed_bytes / 2**20}
+    tok_s = output_tokens / measured_s if measured_s else float("nan")
+    devices = jax.devices()
+    name, own = device_price(ctx.prices, devices[0].device_kind)
+    row["usd_per_1m"] = usd_per_million(tok_s, own["usd_per_hour"], len(devices)) if own else float("nan")
+    row["price_device"] = name
+    for other in ctx.prices.get("compare", []):
+        d = ctx.prices["devices"][other]
+        b = run_bound(fp, Machine(d["read_gb_s"] * 1e9, d["peak_tflops"] * 1e12), steps)
+        row[f"usd_per_1m_at_bound[{other}]"] = usd_per_million(output_tokens / b["bound_s"], d["usd_per_hour"])
+    return row
+
+
+def _random_prompts(cfg: RunConfig, vocab_size: int) -> list[list[int]]:
+    rng = np.random.default_rng(cfg.bench.seed)
+    return [rng.integers(0, vocab_size, cfg.bench.prompt_len).tolist() for _ in range(cfg.bench.num_requests)]
+
+
+def _decode_speed(model, cfg: RunConfig, ctx: Context) -> dict:
+    """Batch decode through the dense-cache generate(): bench.num_requests rows of bench.prompt_len
+    random tokens, bench.output_len new tokens each (EOS ignored); medians of the repeats."""
+    from jaxinfer.generate import Generator
+
+    b = cfg.bench
+    gen = Generator(model, cfg.decode)
+    prompts = _random_prompts(cfg, model.cfg.vocab_size)
+    sampling = dataclasses.replace(cfg.sampling, max_new_tokens=b.output_len, seed=b.seed, stop=())
+    first = gen.generate(prompts, sampling, stop_ids=())  # compiles
+    timings = [gen.generate(prompts, sampling, stop_ids=()).timing for _ in range(ctx.spec.repeats)]
+    decode_s = statistics.median(t.decode_s for t in timings)
+    num_decoded = timings[0].num_decoded
+    batch = len(prompts)
+    steps = [(batch, batch, batch * (b.prompt_len + 1 + i)) for i in range(num_decoded // batch)]
+    row = {"batch": batch, "tok_s": num_decoded / decode_s, "prefill_ms": 1e3 * statistics.median(t.prefill_s for t in timings),
+           "step_ms": 1e3 * decode_s / max(len(steps), 1), "compile_s": first.timing.compile_s,
+           "tok_s_repeats": [t.num_decoded / t.decode_s for t in timings]}
+    return perf(row, model, cfg, ctx, steps, decode_s, num_decoded)
+
+
+def decode(run, ctx: Context):
+    model, _, label = ctx.model(run.cfg)
+    return [_decode_speed(model, run.cfg, ctx) | {"model": label}], []
+
+
+def _request_records(done, **labels) -> list[dict]:
+    out = []
+    for i, c in enumerate(done):
+        lat = request_latencies(c)
+        out.append(labels | {"index": i, "prompt_tokens": len(c.prompt_tokens), "output_tokens": len(c.tokens),
+                             "finish": c.finish_reason, "error": c.error, "cached_tokens": c.num_cached_tokens,
+                             "preemptions": c.num_preemptions, "seed": c.seed,
+                             **{k: lat[k] for k in ("ttft", "tpot", "e2e", "queue")},
+                             "verify_steps": c.num_verify_steps, "accepted": c.num_accepted})
+    return out
+
+
+def serve(run, ctx: Context):
+    """Each mode of bench.modes over the bench workload: a warm-up pass of the same workload (its
+    arrivals too, so the step shapes it compiles are those the repeats meet), then the repeats; the
+    repeat with the median output throughput is reported (its spread beside it)."""
+    from jaxinfer.bench import check_workload, run_mode, workload
+    from jaxinfer.checkpoint import load_draft
+    from jaxinfer.metrics import goodput
+
+    cfg = run.cfg
+    model, tok, label = ctx.model(cfg)
+    draft = load_draft(cfg, model, tok)
+    check_workload(cfg, model)
+    reqs = workload(cfg.bench, model.cfg.vocab_size)
+    rows, requests = [], []
+    for mode in cfg.bench.modes:
+        t0 = time.perf_counter()
+        layouts = None
+        if mode == "continuous" and ctx.spec.compile_all_shapes:  # executables are shared by engines over the model
+            from jaxinfer.engine import Engine
+
+            layouts = Engine(model, None, cfg.engine, draft=draft).warmup(progress=False)["num_layouts"]
+        if cfg.bench.warmup:
+            run_mode(mode, model, cfg, reqs, draft)
+        warmup_s = time.perf_counter() - t0
+        reps = [run_mode(mode, model, cfg, reqs, draft) for _ in range(ctx.spec.repeats)]
+        order = sorted(range(len(reps)), key=lambda i: reps[i][1]["throughput_output_tok_s"])
+        done, summary, steps = reps[order[len(order) // 2]]
+        failed = [c for c in done if c.error is not None]
+        if failed:
+            raise ValueError(f"{mode}: {len(failed)} of {len(done)} requests failed (first: {failed[0].error}); "
+                             "fix the experiment's engine or bench settings")
+        b = cfg.bench
+        summary |= goodput(done, summary["wall_s"], b.slo_ttft_s, b.slo_tpot_s)
+        row = {"mode": mode, **summary, "warmup_s": warmup_s, "model": label, "num_layouts": layouts,
+               "tok_s_repeats": [r[1]["throughput_output_tok_s"] for r in reps]}
+        rows.append(perf(row, model, cfg, ctx, steps, summary["wall_s"], summary["output_tokens"]))
+        requests += _request_records(done, mode=mode)
+    return rows, requests
+
+
+def held_out(tok, num_stories: int, length: int) -> np.ndarray:
+    """[n, length + 1] windows of the reference corpus's validation stories (BOS + story + EOS,
+    concatenated): the split the shipped models never trained on (experiments/reference_models.yaml:
+    seed 0, every 20th story)."""
+    from jaxinfer.corpus import build_corpus
+
+    _, val = build_corpus(0, 20 * num_stories, 20)
+    eos = tok.eos_ids[0] if tok.eos_ids else None
+    stream = np.fromiter((t for s in val for t in tok.encode(s) + ([eos] if eos is not None else [])), np.int32)
+    n = (len(stream) - 1) // length
+    return stream[np.arange(n)[:, None] * length + np.arange(length + 1)[None]]
+
+
+def _log_probs(model, windows: np.ndarray, batch: int = 16) -> np.ndarray:
+    """[n, length, V] next-token log-probabilities of `model` on windows[:, :-1] (float32)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    @jax.jit
+    def fn(params, x):
+        mod = nnx.merge(model.graphdef, params)
+        hidden, _ = mod(x, jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape))
+        return jax.nn.log_softmax(mod.logits(hidden).astype(jnp.float32))
+
+    x = windows[:, :-1]
+    pad = -len(x) % batch
+    x = np.concatenate([x, np.zeros((pad, x.shape[1]), x.dtype)])
+    out = [np.asarray(fn(model.params, jnp.asarray(x[i:i + batch]))) for i in range(0, len(x), batch)]
+    return np.concatenate(out)[: len(windows)]
+
+
+def quality(run, ctx: Context):
+    """Perplexity on held-out text, KL(reference || this) per token and next-token argmax agreement
+    with the unquantized model, plus the decode speed of _decode_speed."""
+    cfg = run.cfg
+    model, tok, label = ctx.model(cfg)
+    ref_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, quant="none"))
+    key = ("quality_ref", ref_cfg.checkpoint, ref_cfg.model)
+    windows = held_out(tok, ctx.spec.eval_stories, ctx.spec.eval_len)
+    if key not in ctx.cache:
+        ctx.cache[key] = _log_probs(ctx.model(ref_cfg)[0], windows)
+    ref = ctx.cache[key]
+    lp = _log_probs(model, windows)
+    targets = windows[:, 1:, None]
+    nll = -np.take_along_axis(lp, targets, -1).mean()
+    kl = (np.exp(ref) * (ref - lp)).sum(-1).mean()
+    row = {"ppl": math.exp(nll), "ppl_ref": math.exp(-np.take_along_axis(ref, targets, -1).mean()),
+           "kl": float(kl), "agreement": float((lp.argmax(-1) == ref.argmax(-1)).mean()),
+           "eval_tokens": int(targets.size), "model": label}
+    return [row | _decode_speed(model, cfg, ctx)], []
+
+
+def story_prompts(tok, num: int, length: int) -> list[list[int]]:
+    """Openings of `num` stories the shipped models never saw (another corpus seed than training)."""
+    from jaxinfer.corpus import build_corpus
+
+    _, val = build_corpus(seed=12345, num_stories=20 * num)
+    prompts = [tok.encode(s)[:length] for s in val[:num]]
+    if min(map(len, prompts)) < length:
+        raise ValueError(f"bench.prompt_len={length}: a story opening has only {min(map(len, prompts))} tokens; "
+                         "use a shorter prompt length")
+    return prompts
+
+
+def _engine_speed(model, tok, cfg: RunConfig, ctx: Context, draft=None) -> tuple[dict, list]:
+    """Engine.generate over bench.num_requests story openings (bench.prompt_len tokens), each
+    making bench.output_len tokens (EOS ignored), after Engine.warmup and one warm-up pass."""
+    from jaxinfer.engine import Engine
+
+    b = cfg.bench
+    prompts = story_prompts(tok, b.num_requests, b.prompt_len)
+    e = Engine(model, tok, cfg.engine, stop_ids=(), draft=draft)
+    warm = e.warmup(progress=False)
+    sampling = dataclasses.replace(cfg.sampling, max_new_tokens=b.output_len, seed=b.seed, stop=())
+    walls, step_s, host_s, records = [], [], [], []
+    for i in range(ctx.spec.repeats + 1):  # the first pass is a warm-up
+        e.records.clear()
+        t0 = time.perf_counter()
+        done = e.generate(prompts, sampling)
+        walls.append(time.perf_counter() - t0)
+        failed = [c for c in done if c.error is not None]
+        if failed:
+            raise ValueError(f"{len(failed)} of {len(done)} requests failed (first: {failed[0].error}); "
+                             "fix the experiment's engine or bench settings")
+        step_s.append(statistics.median(r.end - r.start for r in e.records))
+        host_s.append(statistics.median(r.end - r.start - r.wait_s for r in e.records))
+        records.append([(r.num_tokens, r.num_rows, r.live_tokens) for r in e.records])
+    med = 1 + sorted(range(ctx.spec.repeats), key=lambda i: walls[1 + i])[ctx.spec.repeats // 2]
+    out_tokens = sum(len(c.tokens) for c in done)
+    row = {"batch": len(prompts), "tok_s": out_tokens / walls[med], "wall_s": walls[med],
+           "step_ms": 1e3 * step_s[med], "host_ms": 1e3 * host_s[med], "num_steps": len(records[med]),
+           "compile_s": warm["compile_s"], "num_layouts": warm["num_layouts"],
+           "tok_s_repeats": [out_tokens / w for w in walls[1:]]}
+    row |= {k: v for k, v in speculation(done).items() if k.startswith("spec_")}
+    return perf(row, model, cfg, ctx, records[med], walls[med], out_tokens), done
+
+
+def predicted_speedup(a: float, c: float, k: int) -> float:
+    """Leviathan et al. 2023: expected speedup at per-token acceptance a, cost ratio c, k drafts."""
+    return (1 - a ** (k + 1)) / ((1 - a) * (k * c + 1)) if a < 1 else (k + 1) / (k * c + 1)
+
+
+def _cost_ratio(cfg: RunConfig, ctx: Context) -> float:
+    """c: the draft's plain step time over the target's, batch 1, measured once per experiment."""
+    from jaxinfer.checkpoint import build
+
+    key = ("c", cfg.engine.speculative.draft_model, cfg.model)
+    if key not in ctx.cache:
+        one = dataclasses.replace(cfg.bench, num_requests=1)
+        plain = dataclasses.replace(cfg.engine, speculative=dataclasses.replace(cfg.engine.speculative, method="none"))
+        times = []
+        for ckpt in (cfg.checkpoint, cfg.engine.speculative.draft_model):
+            c2 = dataclasses.replace(cfg, checkpoint=ckpt, bench=one, engine=plain)
+            model, tok, _, _ = build(c2)
+            times.append(_engine_speed(model, tok, c2, ctx)[0]["step_ms"])
+        ctx.cache[key] = times[1] / times[0]
+    return ctx.cache[key]
+
+
+def speculative(run, ctx: Context):
+    """The engine with engine.speculative as configured (method none is the plain baseline)."""
+    from jaxinfer.checkpoint import load_draft
+
+    cfg = run.cfg
+    model, tok, label = ctx.model(cfg)
+    draft = load_draft(cfg, model, tok)
+    row, done = _engine_speed(model, tok, cfg, ctx, draft)
+    spec = cfg.engine.speculative
+    row |= {"method": spec.method, "k": spec.num_drafts, "model": label}
+    if spec.method != "none" and "spec_per_token_acceptance" in row:
+        c = _cost_ratio(cfg, ctx) if spec.method == "draft" else 0.0
+        row |= {"c": c, "predicted_speedup": predicted_speedup(row["spec_per_token_acceptance"], c, spec.num_drafts)}
+    return [row], _request_records(done)
+
+
+def compile_proofs(run, ctx: Context):
+    """TPU compiles (libtpu, abstract topologies) of the kernels and the step, and CUDA exports,
+    with the compiler's memory and cost analyses: the proof that the code builds for hardware
+    this machine lacks."""
+    from jaxinfer import aot
+
+    spec = ctx.spec
+    model_cfg = aot.default_model_cfg(spec.small_model)
+    rows = []
+    tpu = aot.tpu_cases(model_cfg)
+    names = [n for n in tpu if not spec.cases or n in spec.cases]
+    for topo in spec.topologies:
+        for name in names:
+            fn, args = tpu[name]
+            r = aot.compile_tpu(fn, args, topo)
+            rows.append({"target": r["topology"], "case": name, "compile_s": r["compile_s"],
+                         "temp_mib": r["temp_bytes"] / 2**20, "gb_moved": (r["bytes_accessed"] or 0) / 1e9,
+                         "est_us": (r["optimal_seconds"] or 0) * 1e6, "kernels": r.pop("hlo").count("tpu_custom_call")})
+    if spec.cuda:
+        for name, (fn, args) in aot.gpu_cases().items():
+            if spec.cases and name not in spec.cases:
+                continue
+            t0 = time.perf_counter()
+            text = aot.export_cuda(fn, args).mlir_module()
+            rows.append({"target": "cuda (H200, export)", "case": name, "compile_s": time.perf_counter() - t0,
+                         "kernels": text.count("__gpu$xla.gpu.triton")})
+    return rows, []
+
+
+KINDS = {"decode": decode, "serve": serve, "quality": quality, "speculative": speculative, "compile": compile_proofs}
