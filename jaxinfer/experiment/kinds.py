@@ -77,9 +77,11 @@ def perf(row: dict, model, cfg: RunConfig, ctx: Context, steps, measured_s: floa
             "bandwidth_buffer_mib": m["bandwidth_buffer_bytes"] / 2**20,
             "bytes_per_step": bound["bytes_read"] / max(len(steps), 1), "weight_mib": fp.streamed_bytes / 2**20}
     tok_s = output_tokens / measured_s if measured_s else float("nan")
-    devices = jax.devices()
-    name, own = device_price(ctx.prices, devices[0].device_kind)
-    row["usd_per_1m"] = usd_per_million(tok_s, own["usd_per_hour"], len(devices)) if own else float("nan")
+    device = jax.devices()[0]
+    # Devices the run held: a CPU is priced per VM (simulated devices are one machine); else the mesh.
+    num_devices = 1 if device.platform == "cpu" else math.prod(cfg.engine.mesh)
+    name, own = device_price(ctx.prices, device.device_kind)
+    row["usd_per_1m"] = usd_per_million(tok_s, own["usd_per_hour"], num_devices) if own else float("nan")
     row["price_device"] = name
     for other in ctx.prices.get("compare", []):
         d = ctx.prices["devices"][other]
@@ -311,12 +313,31 @@ def compile_proofs(run, ctx: Context):
     """TPU compiles (libtpu, abstract topologies) of the kernels and the step, and CUDA exports,
     with the compiler's memory and cost analyses: the proof that the code builds for hardware
     this machine lacks."""
-    from jaxinfer import aot
+    import jax
 
     spec = ctx.spec
+    # Real compile times: the persistent compilation cache (on under `jaxinfer run`) stays out.
+    cache_was = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    try:
+        return _compile_rows(spec)
+    finally:
+        jax.config.update("jax_enable_compilation_cache", cache_was)
+
+
+def _compile_rows(spec):
+    from jaxinfer import aot
+
     model_cfg = aot.default_model_cfg(spec.small_model)
     rows = []
     tpu = aot.tpu_cases(model_cfg)
+    known = set(tpu) | set(aot.gpu_cases())
+    unknown = [c for c in spec.cases if c not in known]
+    bad_topo = [t for t in spec.topologies if t not in aot.TOPOLOGIES]
+    if bad_topo:
+        raise ValueError(f"experiment.topologies {bad_topo}: unknown; choose from {', '.join(aot.TOPOLOGIES)}")
+    if unknown:
+        raise ValueError(f"experiment.cases {unknown}: unknown; choose from {'; '.join(sorted(known))}")
     names = [n for n in tpu if not spec.cases or n in spec.cases]
     for topo in spec.topologies:
         for name in names:
