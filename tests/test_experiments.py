@@ -54,6 +54,12 @@ def test_smoke_and_command_line_overrides(tmp_path):
     smoke = load_experiment(path, ["experiment.repeats=2", "bench.prompt_len=5"], smoke=True)
     assert [(r.cfg.bench.num_requests, r.cfg.bench.output_len, r.cfg.bench.prompt_len) for r in smoke.runs] == [(3, 2, 5)]
     assert smoke.spec.repeats == 2
+    swept = load_experiment(path, ["experiment.sweep.bench.num_requests=[4, 5]", "experiment.sweep.model.quant=[int8]"])
+    assert [(r.cfg.bench.num_requests, r.cfg.model.quant) for r in swept.runs] == [(4, "int8"), (5, "int8")]
+    with pytest.raises(ConfigError, match="'bench.num_request' is not a config key"):
+        load_experiment(path, ["experiment.sweep.bench.num_request=[4]"])
+    with pytest.raises(ConfigError, match="'bench.output_lenn' is not a config key"):
+        load_experiment(write(tmp_path, tiny_decode(smoke={"bench.output_lenn": 2})), smoke=True)
 
 
 @pytest.mark.parametrize("experiment, sections, match", [

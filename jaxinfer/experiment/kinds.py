@@ -11,10 +11,8 @@ import time
 
 import numpy as np
 
-from jaxinfer.config import RunConfig, SamplingConfig
+from jaxinfer.config import RunConfig
 from jaxinfer.metrics import request_latencies, roofline_columns, run_bound, speculation, usd_per_million
-
-ROOFLINE = ("bound_tok_s", "pct_of_bound", "binding", "usd_per_1m")
 
 
 class Context:
@@ -50,6 +48,7 @@ class Context:
         return self.cache["bandwidth", mib] | self.cache["peak", dtype]
 
     def measurements(self) -> list[dict]:
+        """Every bandwidth and peak measured so far by this process (written into env.json)."""
         return [v for k, v in self.cache.items() if isinstance(k, tuple) and k[0] in ("bandwidth", "peak")]
 
 
@@ -343,9 +342,11 @@ def _compile_rows(spec):
         for name in names:
             fn, args = tpu[name]
             r = aot.compile_tpu(fn, args, topo)
+            est = r["optimal_seconds"]  # the compiler's estimate; negative where it has none
             rows.append({"target": r["topology"], "case": name, "compile_s": r["compile_s"],
                          "temp_mib": r["temp_bytes"] / 2**20, "gb_moved": (r["bytes_accessed"] or 0) / 1e9,
-                         "est_us": (r["optimal_seconds"] or 0) * 1e6, "kernels": r.pop("hlo").count("tpu_custom_call")})
+                         "est_us": est * 1e6 if est is not None and est >= 0 else None,
+                         "kernels": r.pop("hlo").count("tpu_custom_call")})
     if spec.cuda:
         for name, (fn, args) in aot.gpu_cases().items():
             if spec.cases and name not in spec.cases:

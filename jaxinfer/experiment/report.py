@@ -51,6 +51,12 @@ def value(row: dict, key: str):
     return v.get(tail) if tail and isinstance(v, dict) else v
 
 
+def plotted(row: dict, key: str):
+    """The value as the table shows it (milliseconds for latencies stored in seconds)."""
+    v = value(row, key)
+    return v * 1e3 if isinstance(v, (int, float)) and FORMATS.get(key, ("", ""))[1] == "ms" else v
+
+
 def fmt(key: str, v) -> str:
     if v is None or isinstance(v, float) and math.isnan(v):
         return "-"
@@ -182,7 +188,7 @@ def plot(res: dict, out_dir: Path) -> list[str]:
         fig, ax = plt.subplots(figsize=(6, 4))
         for j, (name, rs) in enumerate(groups.items()):
             color = f"C{j}"
-            pts = sorted((value(r, p["x"]), value(r, p["y"]), value(r, "bound_tok_s")) for r in rs
+            pts = sorted((plotted(r, p["x"]), plotted(r, p["y"]), value(r, "bound_tok_s")) for r in rs
                          if value(r, p["y"]) is not None)
             if not pts:
                 continue
@@ -225,10 +231,26 @@ def report(folder: str | Path, write: bool = True) -> str:
 BLOCK = re.compile(r"(<!-- report: (?P<path>[^ ]+) -->\n)(?P<body>.*?)(<!-- /report -->)", re.S)
 
 
+def index(folder: Path, link_base: str) -> str:
+    """A table of the experiments under `folder`: runs, repeats, wall time of the whole run, date."""
+    out = ["| experiment | kind | runs | repeats | full run (min) | date |", "|---|---|---|---|---|---|"]
+    for sub in sorted(p for p in folder.iterdir() if (p / "experiment.json").is_file()):
+        res = load(sub)
+        rec = res["record"]
+        minutes = sum(r.get("wall_s", 0) for r in res["runs"]) / 60
+        dates = sorted(r["env"]["date"][:10] for r in res["runs"] if r["env"])
+        out.append(f"| [{rec['name']}]({link_base.rstrip('/')}/{sub.name}/report.md) | {rec['kind']} | "
+                   f"{len(res['runs'])} | {rec['spec']['repeats']} | {minutes:.1f} | {dates[-1] if dates else '-'} |")
+    return "\n".join(out)
+
+
 def readme_blocks(readme: str, root: Path) -> str:
     """The README with every report block regenerated from its results folder (no plots drawn:
-    they are committed beside the summaries and linked)."""
+    they are committed beside the summaries and linked); a folder of results folders renders
+    their index."""
     def render(m):
+        if not (root / m["path"] / "experiment.json").is_file() and (root / m["path"]).is_dir():
+            return m[1] + index(root / m["path"], m["path"]) + "\n" + m[4]
         res = load(root / m["path"])
         images = sorted(p.name for p in (root / m["path"]).glob(f"{res['record']['name']}*.png"))
         return m[1] + markdown(res, m["path"], images) + "\n" + m[4]

@@ -145,4 +145,18 @@ def run_experiment(exp: Experiment, out: str | Path, fresh: bool = False, progre
         dump_yaml(run.cfg, folder / "config.yaml")
         _write_json(folder / "summary.json", {"experiment": exp.name, "kind": exp.spec.kind, "run_id": run.run_id,
                                               "labels": run.labels, "rows": rows, "wall_s": time.perf_counter() - t0})
+        release_executables()
     return out
+
+
+def release_executables() -> None:
+    """Drops every compiled executable between runs. A sweep compiles hundreds of step shapes, and
+    XLA:CPU maps each executable's code into memory: a long sweep otherwise exhausts the process's
+    memory maps ("LLVM compilation error: Cannot allocate memory", then a crash, measured in the
+    page-size sweep). Runs that share shapes reload them from the persistent compilation cache."""
+    import jax
+
+    from jaxinfer.step import compile_step
+
+    compile_step.cache_clear()
+    jax.clear_caches()

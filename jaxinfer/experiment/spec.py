@@ -160,6 +160,22 @@ def resolve(base: dict, labels: dict, spec: ExperimentSpec, where: str) -> RunCo
     return from_dict(RunConfig, data, where=f"{where} (run {run_id(labels)})")
 
 
+def _override(exp: dict, data: dict, key: str, value, where: str) -> None:
+    """Applies one dotted override: `experiment.sweep.KEY` / `experiment.zip.KEY` set one swept key
+    (itself dotted), other `experiment.*` keys the experiment, the rest the base run config."""
+    for section in ("sweep", "zip"):
+        prefix = f"experiment.{section}."
+        if key.startswith(prefix):
+            _check_key(key[len(prefix):], f"{where}: override")
+            exp.setdefault(section, {})[key[len(prefix):]] = value
+            return
+    if key.startswith("experiment."):
+        _set_dotted(exp, key.removeprefix("experiment."), value)
+    else:
+        _check_key(key, f"{where}: override")
+        _set_dotted(data, key, value)
+
+
 def load_experiment(path: str | Path, overrides: typing.Iterable[str] = (), smoke: bool = False) -> Experiment:
     """Reads, overrides and fully resolves an experiment file; every error is a ConfigError."""
     path = Path(path)
@@ -171,20 +187,16 @@ def load_experiment(path: str | Path, overrides: typing.Iterable[str] = (), smok
         raise ConfigError(f"{where}: an experiment file needs an 'experiment:' section (kind, sweep, ...) beside "
                           "the run config sections (model, engine, bench, ...)")
     exp = data.pop("experiment")
-    if smoke:
-        for key, value in exp.get("smoke", {}).items():
-            target = exp if key.startswith("experiment.") else data
-            _set_dotted(target, key.removeprefix("experiment."), copy.deepcopy(value))
+    if not isinstance(exp.get("smoke", {}), dict):
+        raise ConfigError(f"{where}: experiment.smoke must be a mapping of dotted keys to values")
+    overrides = list(overrides)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value (e.g. experiment.repeats=1)")
-        key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw.strip() else ""
-        if key.startswith("experiment."):
-            _set_dotted(exp, key.removeprefix("experiment."), value)
-        else:
-            _check_key(key, f"{where}: override")
-            _set_dotted(data, key, value)
+    pairs = [(k, copy.deepcopy(v)) for k, v in exp.get("smoke", {}).items()] if smoke else []
+    pairs += [(k.strip(), yaml.safe_load(raw) if raw.strip() else "") for k, raw in (o.split("=", 1) for o in overrides)]
+    for key, value in pairs:
+        _override(exp, data, key, value, where)
     spec = from_dict(ExperimentSpec, exp, where=where, prefix="experiment.")
     for section in ("sweep", "zip"):
         for key in getattr(spec, section):
