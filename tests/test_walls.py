@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).parents[1] / "jaxinfer"
-HOST_MODULES = ["tokenizer", "config", "scheduler", "metrics"]
+HOST_MODULES = ["tokenizer", "config", "scheduler", "metrics", "corpus", "experiment.spec", "experiment.report"]
 DEVICE_LIBS = {"jax", "jaxlib", "flax", "optax", "orbax", "chex"}
 
 

@@ -145,15 +145,27 @@ def run_experiment(exp: Experiment, out: str | Path, fresh: bool = False, progre
         dump_yaml(run.cfg, folder / "config.yaml")
         _write_json(folder / "summary.json", {"experiment": exp.name, "kind": exp.spec.kind, "run_id": run.run_id,
                                               "labels": run.labels, "rows": rows, "wall_s": time.perf_counter() - t0})
-        release_executables()
+        if _memory_maps_used() > 1 / 3:
+            release_executables()
     return out
 
 
+def _memory_maps_used() -> float:
+    """Fraction of the process's memory-map limit in use (Linux; 0 where unknown)."""
+    try:
+        with open("/proc/self/maps") as f:
+            used = sum(1 for _ in f)
+        return used / int(Path("/proc/sys/vm/max_map_count").read_text())
+    except (OSError, ValueError):
+        return 0.0
+
+
 def release_executables() -> None:
-    """Drops every compiled executable between runs. A sweep compiles hundreds of step shapes, and
-    XLA:CPU maps each executable's code into memory: a long sweep otherwise exhausts the process's
-    memory maps ("LLVM compilation error: Cannot allocate memory", then a crash, measured in the
-    page-size sweep). Runs that share shapes reload them from the persistent compilation cache."""
+    """Drops every compiled executable. A sweep compiles hundreds of step shapes, and XLA:CPU maps
+    each executable's code into memory: a long sweep exhausted the process's memory maps (the
+    page-size sweep: "LLVM compilation error: Cannot allocate memory", then a crash at ~65,000
+    maps), so the runner calls this between runs once a third of the limit is in use. Runs that
+    share shapes reload them from the persistent compilation cache."""
     import jax
 
     from jaxinfer.step import compile_step
