@@ -28,9 +28,10 @@ FORMATS = {
     "temp_mib": ("temp MiB", "{:.1f}"), "gb_moved": ("GB moved", "{:.3f}"), "est_us": ("est. us", "{:.1f}"),
     "kernels": ("kernels", "{:.0f}"),
 }
-for _name in ("ttft", "tpot", "itl", "e2e", "queue"):
+for _name in ("ttft", "tpot", "itl", "e2e", "queue", "step", "host"):
     for _p in ("mean", "p50", "p90", "p99"):
-        FORMATS[f"{_name}_s.{_p}"] = (f"{_name.upper()} {_p} ms", "ms")
+        _key = "host_s_per_step" if _name == "host" else f"{_name}_s"
+        FORMATS[f"{_key}.{_p}"] = (f"{_name.upper() if _name not in ('step', 'host') else _name} {_p} ms", "ms")
 
 DEFAULT_COLUMNS = {
     "decode": ("tok_s", "bound_tok_s", "pct_of_bound", "binding", "weight_mib", "usd_per_1m"),
@@ -59,6 +60,10 @@ def plotted(row: dict, key: str):
 
 def fmt(key: str, v) -> str:
     if v is None or isinstance(v, float) and math.isnan(v):
+        return "-"
+    if isinstance(v, (list, tuple)):
+        return ", ".join(map(str, v))
+    if key == "est_us" and v < 0:  # the TPU compiler's "no estimate"
         return "-"
     header, form = FORMATS.get(key, (key, "{:.4g}" if isinstance(v, float) else "{}"))
     if form == "ms":
@@ -111,8 +116,8 @@ def _short(key: str) -> str:
 
 
 def env_line(res: dict) -> str:
-    """One line per distinct environment of the runs: versions, device, CPU, git; date and the
-    machine limits measured in the run (of the first run in that environment)."""
+    """One line per distinct environment of the runs: versions, device, CPU, git; the date and the
+    machine limits measured (from the last run in that environment)."""
     seen = {}
     for run in res["runs"]:
         e = run["env"]
@@ -122,13 +127,13 @@ def env_line(res: dict) -> str:
         sha = f"git {git['sha'][:10]}{' (dirty)' if git.get('dirty') else ''}" if git.get("sha") else "git -"
         key = (f"jax {e['jax']}, jaxlib {e['jaxlib']}, flax {e['flax']}, libtpu {e['libtpu'] or '-'}; "
                f"{e['device_kind']} x{e['num_devices']} ({e['platform']}), {e['cpu']}, {e['num_cpus']} CPUs; {sha}")
-        if key not in seen:
-            bw = [f"{m['read_bytes_per_s'] / 1e9:.1f} GB/s over {m['bandwidth_buffer_bytes'] / 2**20:.0f} MiB"
-                  for m in e.get("machine", []) if "read_bytes_per_s" in m]
-            peak = [f"{m['peak_flops_per_s'] / 1e9:.0f} GFLOP/s ({m['matmul_dtype']}, n={m['matmul_size']})"
-                    for m in e.get("machine", []) if "peak_flops_per_s" in m]
-            limits = f"; measured read {', '.join(bw)}; matmul peak {', '.join(peak)}" if bw else ""
-            seen[key] = f"{key}; {e['date'][:10]}{limits}"
+        # The last run's entry wins: its list holds every measurement made so far.
+        bw = [f"{m['read_bytes_per_s'] / 1e9:.1f} GB/s over {m['bandwidth_buffer_bytes'] / 2**20:.0f} MiB"
+              for m in e.get("machine", []) if "read_bytes_per_s" in m]
+        peak = [f"{m['peak_flops_per_s'] / 1e9:.0f} GFLOP/s ({m['matmul_dtype']}, n={m['matmul_size']})"
+                for m in e.get("machine", []) if "peak_flops_per_s" in m]
+        limits = f"; measured read {', '.join(bw)}; matmul peak {', '.join(peak)}" if bw else ""
+        seen[key] = f"{key}; {e['date'][:10]}{limits}"
     return "<br>\n".join(f"<sub>{x}</sub>" for x in seen.values())
 
 
@@ -138,7 +143,9 @@ def markdown(res: dict, link_base: str = ".", images: list[str] = ()) -> str:
     labels, rows = table_rows(res)
     columns = list(spec.get("columns") or DEFAULT_COLUMNS[rec["kind"]])
     extra = [k for k in rows[0] if k.startswith("x ")] if rows else []
-    header = [_short(k) for k in labels] + [FORMATS.get(k, (k,))[0] for k in columns] + extra
+    ratio = spec.get("ratio_metric") or PRIMARY.get(rec["kind"], "")
+    header = ([_short(k) for k in labels] + [FORMATS.get(k, (k,))[0] for k in columns]
+              + [f"{FORMATS.get(ratio, (ratio,))[0]} / {k[2:]}" for k in extra])
     out = [f"**{rec['name']}**" + (f": {spec['description'].strip()}" if spec.get("description") else ""), ""]
     out.append("| " + " | ".join(header) + " |")
     out.append("|" + "---|" * len(header))
