@@ -154,6 +154,8 @@ def cmd_run(args) -> int:
 def cmd_report(args) -> int:
     from jaxinfer.experiment.report import readme_blocks, report
 
+    if args.check and not args.readme or not (args.readme or args.folders):
+        raise ValueError("report: give results folders, or --readme FILE (with --check to only compare)")
     if args.readme:
         path = Path(args.readme)
         old = path.read_text()
@@ -257,7 +259,7 @@ def parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_run)
     rp = sub.add_parser("report", help="Markdown tables and plots from results folders; regenerate README blocks")
     rp.add_argument("folders", nargs="*", help="results folders of `jaxinfer run` (writes report.md and PNGs into each)")
-    rp.add_argument("--readme", help="rewrite this file's <!-- report: FOLDER --> blocks from their summaries")
+    rp.add_argument("--readme", help="rewrite this file's <!-- report: FOLDER --> blocks from their summaries (default: none)")
     rp.add_argument("--check", action="store_true", help="with --readme: exit 1 if a block differs, write nothing")
     rp.set_defaults(func=cmd_report)
     c = sub.add_parser("convert", help="convert a Hugging Face folder to an orbax checkpoint")

@@ -14,6 +14,17 @@ ROOT = Path(__file__).parents[1]
 def test_every_shipped_config_loads_and_round_trips(path, tmp_path):
     from experiments.train_reference_models import TrainConfig
 
+    import yaml
+
+    if "experiment" in (yaml.safe_load(path.read_text()) or {}):  # an experiment: every run and its smoke version
+        from jaxinfer.experiment.spec import load_experiment
+
+        for smoke in (False, True):
+            for run in load_experiment(path, smoke=smoke).runs:
+                dumped = tmp_path / "resolved.yaml"
+                dump_yaml(run.cfg, dumped)
+                assert load_config(dumped) == run.cfg
+        return
     cls = TrainConfig if path.name == "reference_models.yaml" else RunConfig
     cfg = load_config(path, cls=cls)
     dumped = tmp_path / "resolved.yaml"

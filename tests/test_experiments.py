@@ -212,8 +212,12 @@ def test_readme_report_blocks_match_the_committed_summaries():
     text = (ROOT / "README.md").read_text()
     assert rep.BLOCK.search(text), "the README has no generated report blocks"
     assert rep.readme_blocks(text, ROOT) == text, "run `jaxinfer report --readme README.md`"
-    for m in rep.BLOCK.finditer(text):
-        assert not rep.load(ROOT / m["path"])["record"]["smoke"], m["path"]
+    folders = [ROOT / m["path"] for m in rep.BLOCK.finditer(text)]
+    folders = [f for f in folders if (f / "experiment.json").is_file()] + [
+        sub for f in folders if not (f / "experiment.json").is_file() for sub in f.iterdir() if (sub / "experiment.json").is_file()]
+    assert {f.name for f in folders} >= {p.stem for p in EXPERIMENTS}, "every experiment is published"
+    for folder in folders:
+        assert not rep.load(folder)["record"]["smoke"], folder
 
 
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=[p.stem for p in EXPERIMENTS])
