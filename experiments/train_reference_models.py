@@ -94,12 +94,6 @@ def token_stream(tok, texts: list[str]) -> np.ndarray:
     return np.fromiter((t for row in ids for t in row), np.int32)
 
 
-def windows(stream: np.ndarray, seq_len: int) -> np.ndarray:
-    n = (len(stream) - 1) // seq_len
-    idx = np.arange(n)[:, None] * seq_len + np.arange(seq_len + 1)[None]
-    return stream[idx]  # [n, seq_len + 1]
-
-
 def make_fns(graphdef, stage: StageConfig, teacher=None):
     """(train step, eval fn) under jit. With a teacher (graphdef, params): distillation."""
     import jax
@@ -221,7 +215,7 @@ def plot_curves(curves: dict, path: Path) -> None:
 
 
 def main(argv=None) -> dict:
-    from jaxinfer.corpus import build_corpus
+    from jaxinfer.corpus import build_corpus, windows
     from jaxinfer.checkpoint import load_model, save_hf
 
     import argparse

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
+
 NAMES = ("Ada Ben Cleo Dan Eva Finn Gus Hana Ivo Jade Kai Lena Milo Nora Otto Pia Quin Rosa Sam Tara Uma Vic "
          "Wren Xena Yuri Zoe Amir Bea Cole Dora Eli Faye Gil Hugo Iris Jon Kira Leo Mae Ned Olga Pete Ruby "
          "Saul Tess Vera Will").split()
@@ -93,3 +95,10 @@ def vocabulary() -> set[str]:
         for phrase in group:
             words |= {w.strip(",.").lower() for w in phrase.split()}
     return words
+
+
+def windows(stream: np.ndarray, seq_len: int) -> np.ndarray:
+    """[n, seq_len + 1] consecutive windows of a token stream (inputs and next-token targets)."""
+    n = (len(stream) - 1) // seq_len
+    idx = np.arange(n)[:, None] * seq_len + np.arange(seq_len + 1)[None]
+    return stream[idx]

@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxinfer.corpus import build_corpus
-from experiments.train_reference_models import TrainConfig, token_stream, unigram_ppl, windows
+from experiments.train_reference_models import TrainConfig, token_stream, unigram_ppl
+from jaxinfer.corpus import build_corpus, windows
 from jaxinfer.checkpoint import load_model, resolve_path
 from jaxinfer.config import SamplingConfig, load_config
 from jaxinfer.generate import Generator

@@ -176,13 +176,12 @@ def held_out(tok, num_stories: int, length: int) -> np.ndarray:
     """[n, length + 1] windows of the reference corpus's validation stories (BOS + story + EOS,
     concatenated): the split the shipped models never trained on (experiments/reference_models.yaml:
     seed 0, every 20th story)."""
-    from jaxinfer.corpus import build_corpus
+    from jaxinfer.corpus import build_corpus, windows
 
     _, val = build_corpus(0, 20 * num_stories, 20)
     eos = tok.eos_ids[0] if tok.eos_ids else None
     stream = np.fromiter((t for s in val for t in tok.encode(s) + ([eos] if eos is not None else [])), np.int32)
-    n = (len(stream) - 1) // length
-    return stream[np.arange(n)[:, None] * length + np.arange(length + 1)[None]]
+    return windows(stream, length)
 
 
 def _log_probs(model, windows: np.ndarray, batch: int = 16) -> np.ndarray:
@@ -211,7 +210,9 @@ def quality(run, ctx: Context):
     model, tok, label = ctx.model(cfg)
     ref_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, quant="none"))
     key = ("quality_ref", ref_cfg.checkpoint, ref_cfg.model)
-    windows = held_out(tok, ctx.spec.eval_stories, ctx.spec.eval_len)
+    if "held_out" not in ctx.cache:  # one tokenization per experiment: every variant scores the same windows
+        ctx.cache["held_out"] = held_out(tok, ctx.spec.eval_stories, ctx.spec.eval_len)
+    windows = ctx.cache["held_out"]
     if key not in ctx.cache:
         ctx.cache[key] = _log_probs(ctx.model(ref_cfg)[0], windows)
     ref = ctx.cache[key]
