@@ -24,8 +24,9 @@ TOPOLOGIES = {"v5e": "TPU v5 lite:2x2", "v5p": "TPU v5:2x2x2", "v6e": "TPU v6 li
 CUDA_TARGETS = ("__gpu$xla.gpu.triton",)  # Pallas GPU (Triton) custom calls
 
 
-def tpu_mesh(topology: str):
-    """A one-device mesh of abstract TPU devices (libtpu must be installed)."""
+def tpu_mesh(topology: str, data: int = 1, model: int = 1):
+    """A mesh of abstract TPU devices (libtpu must be installed): one device, or the topology's chips
+    as a (data, model) mesh (jaxinfer.sharding.make_mesh, which says when there are too few)."""
     import importlib.util
     import os
 
@@ -41,7 +42,11 @@ def tpu_mesh(topology: str):
         desc = topologies.get_topology_desc(platform="tpu", topology_name=name)
     except Exception as e:  # noqa: BLE001 - say which topology failed and why
         raise RuntimeError(f"no abstract TPU topology '{name}': {e}") from e
-    return jax.sharding.Mesh(np.asarray(desc.devices[:1]), ("x",))
+    if data * model == 1:
+        return jax.sharding.Mesh(np.asarray(desc.devices[:1]), ("x",))
+    from jaxinfer.sharding import make_mesh
+
+    return make_mesh(data, model, list(desc.devices))
 
 
 def _on(mesh, tree):
@@ -52,13 +57,27 @@ def _on(mesh, tree):
 def compile_tpu(fn, args, topology: str, static_kwargs=None) -> dict:
     """jit(fn).lower(args).compile() for a TPU topology -> the memory and cost analyses."""
     mesh = tpu_mesh(topology)
+    return _compile(fn, _on(mesh, args), TOPOLOGIES.get(topology, topology), static_kwargs)
+
+
+def compile_step_sharded(model_cfg, topology: str, data: int, model: int, attention_impl: str = "reference",
+                         **layout) -> dict:
+    """The serving step compiled for a multi-chip TPU topology, weights and KV cache laid out by the
+    logical-axis table (jaxinfer.sharding) over a (data, model) mesh of its chips -> the analyses of
+    compile_tpu; memory_analysis is per chip (SPMD: every chip runs the same program on its shard)."""
+    mesh = tpu_mesh(topology, data, model)
+    fn, args = step_case(model_cfg, attention_impl, mesh=mesh, **layout)
+    return _compile(fn, args, f"{TOPOLOGIES.get(topology, topology)} mesh {data}x{model}")
+
+
+def _compile(fn, args, topology: str, static_kwargs=None) -> dict:
     t0 = time.perf_counter()
-    compiled = jax.jit(fn, static_argnames=tuple(static_kwargs or ())).lower(*_on(mesh, args), **(static_kwargs or {})).compile()
+    compiled = jax.jit(fn, static_argnames=tuple(static_kwargs or ())).lower(*args, **(static_kwargs or {})).compile()
     seconds = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis() or {}
     cost = cost[0] if isinstance(cost, list) else cost
-    return {"topology": TOPOLOGIES.get(topology, topology), "compile_s": round(seconds, 3),
+    return {"topology": topology, "compile_s": round(seconds, 3),
             "argument_bytes": mem.argument_size_in_bytes, "output_bytes": mem.output_size_in_bytes,
             "temp_bytes": mem.temp_size_in_bytes, "generated_code_bytes": mem.generated_code_size_in_bytes,
             "flops": cost.get("flops"), "bytes_accessed": cost.get("bytes accessed"),
@@ -111,9 +130,9 @@ def matmul_case(impl, *, m=1, k=4096, n=4096, bits=8, group_size=0, dtype="bfloa
 
 
 def step_case(model_cfg, attention_impl: str, *, num_decode_rows=8, prefill_rows=1, chunk=64, width=32,
-              pages=512, page_size=16, out_rows=16):
+              pages=512, page_size=16, out_rows=16, mesh=None):
     """The serving step (step.step) at one shape bucket, as (fn, abstract args); the inputs are
-    sized by the step schema (messages)."""
+    sized by the step schema (messages). With a mesh, the args carry the engine's shardings."""
     from jaxinfer.cache import PagedKVCache
     from jaxinfer.messages import Layout, buffer_sizes
     from jaxinfer.models import abstract_params
@@ -131,6 +150,12 @@ def step_case(model_cfg, attention_impl: str, *, num_decode_rows=8, prefill_rows
         return step(graphdef, param_def, leaves, cache, ints, floats, prev, layout=layout, attention_impl=attention_impl)
     args = [[sds(x.shape, x.dtype) for x in leaves], cache, sds((num_ints,), "int32"), sds((num_floats,), "float32"),
             sds((out_rows,), "int32")]
+    if mesh is not None:  # as the engine lays them out: params and cache by logical axes, the rest replicated
+        from jaxinfer import sharding
+
+        placed = [jax.tree.leaves(sharding.param_shardings(params, mesh)), sharding.cache_sharding(cache, mesh)]
+        placed += [sharding.replicated(mesh)] * 3
+        args = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), args, placed)
     return fn, args
 
 
