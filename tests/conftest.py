@@ -49,6 +49,51 @@ def _release_compiled_code():
     gc.collect()
 
 
+def _start_tpu_compiles(config) -> None:
+    """`python -m jaxinfer.aot --small` in a child process (libtpu then never loads into the test
+    process), started as soon as the session knows it needs it, so that its ~2 minutes of single-
+    threaded TPU compiles overlap the tests before tests/test_kernel_compile.py."""
+    import subprocess
+    import sys
+    import tempfile
+
+    out = Path(tempfile.mkdtemp(prefix="jaxinfer-aot-"))
+    with open(out / "stderr.txt", "w") as log:  # a file, not a pipe: libtpu's warnings would fill a pipe and block
+        proc = subprocess.Popen([sys.executable, "-m", "jaxinfer.aot", "--small", "--out", str(out / "report.json")],
+                                env={**os.environ, "JAX_PLATFORMS": "cpu"}, stdout=subprocess.DEVNULL, stderr=log)
+    config.stash[TPU_COMPILES] = (proc, out)
+
+
+TPU_COMPILES = pytest.StashKey()
+
+
+def pytest_collection_finish(session):
+    if any("tpu_report" in getattr(item, "fixturenames", ()) for item in session.items):
+        _start_tpu_compiles(session.config)
+
+
+def pytest_unconfigure(config):
+    import shutil
+
+    proc, out = config.stash.get(TPU_COMPILES, (None, None))
+    if proc is not None:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(out, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def tpu_report(request):
+    """The report of `python -m jaxinfer.aot --small` (every TPU kernel and the step, for each topology)."""
+    if TPU_COMPILES not in request.config.stash:
+        _start_tpu_compiles(request.config)
+    proc, out = request.config.stash[TPU_COMPILES]
+    proc.wait(timeout=1200)
+    assert proc.returncode == 0, (out / "stderr.txt").read_text()[-3000:]
+    return json.loads((out / "report.json").read_text())
+
+
 def pytest_collection_modifyitems(config, items):
     if transformers_available():
         return

@@ -203,13 +203,18 @@ def test_unrolled_layers_engine_equals_dense():
     assert dataclasses.replace(unrolled.cfg, scan_layers=True) == model().cfg
 
 
+# Interpreted kernels compile slowly: one bucket per row group (decode rows and prefill chunks still
+# mix, the 40-token prompt spans three 16-token chunks) keeps the step shapes to a handful.
+KERNEL_BUCKETS = {"page_size": 16, "chunk_buckets": (16,), "prefill_row_buckets": (0, 4), "decode_row_buckets": (0, 4)}
+
+
 @pytest.mark.parametrize("impl", ["tpu_interpret", "gpu_interpret"])
 def test_pallas_attention_kernels_give_the_reference_tokens(impl):
     """The whole engine (decode rows and prefill chunks, every layer) on the Pallas kernels, run by
     the interpreter: greedy tokens identical to attention_impl=reference and to dense generate()."""
     ps, sampling = prompts([3, 17, 40, 9]), SamplingConfig(max_new_tokens=8)
-    want = engine(page_size=16, attention_impl="reference").generate(ps, sampling)
-    got = engine(page_size=16, attention_impl=impl).generate(ps, sampling)
+    want = engine(**KERNEL_BUCKETS, attention_impl="reference").generate(ps, sampling)
+    got = engine(**KERNEL_BUCKETS, attention_impl=impl).generate(ps, sampling)
     assert [c.tokens for c in got] == [c.tokens for c in want]
     assert_equals_dense(got, ps, sampling)
 
@@ -219,7 +224,7 @@ def test_pallas_attention_with_a_sliding_window_gives_the_dense_tokens():
     windowed = init_model(dataclasses.replace(CFG, sliding_window=8), seed=1)
     ps, sampling = prompts([3, 30, 19]), SamplingConfig(max_new_tokens=8)
     want = Generator(windowed).generate(ps, sampling).tokens
-    cfg = EngineConfig(**{**BASE.__dict__, "page_size": 16, "attention_impl": "tpu_interpret"})
+    cfg = EngineConfig(**{**BASE.__dict__, **KERNEL_BUCKETS, "attention_impl": "tpu_interpret"})
     assert [c.tokens for c in Engine(windowed, None, cfg).generate(ps, sampling)] == want
 
 
@@ -235,7 +240,7 @@ def test_quantized_weights_on_pallas_matmuls_give_the_reference_tokens(quant):
     """int8 / int4 weights: the engine on the Pallas quant_matmul kernels (interpreted), and on an
     8-device mesh, gives the tokens of matmul_impl=reference on one device."""
     ps, sampling = prompts([3, 17, 9]), SamplingConfig(max_new_tokens=6)
-    cfg = EngineConfig(**{**BASE.__dict__, "page_size": 16})
+    cfg = EngineConfig(**{**BASE.__dict__, **KERNEL_BUCKETS})
     want = [c.tokens for c in Engine(quantized(quant, "reference"), None, cfg).generate(ps, sampling)]
     for impl in ["tpu_interpret", "gpu_interpret"]:
         assert [c.tokens for c in Engine(quantized(quant, impl), None, cfg).generate(ps, sampling)] == want, impl

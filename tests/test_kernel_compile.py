@@ -2,27 +2,13 @@
 with the real TPU compiler (libtpu, Mosaic included) for v5e, v5p and v6e topologies; every GPU
 kernel lowers for CUDA (an abstract H200). Needs libtpu (the `tpu` extra, which `test` includes).
 
-The TPU compiles run in a child process (`python -m jaxinfer.aot`): libtpu then never loads into
-the test process, whose CPU compiles it could otherwise disturb."""
-
-import json
-import os
-import subprocess
-import sys
+The TPU compiles run in a child process (`python -m jaxinfer.aot`, the `tpu_report` fixture of
+conftest.py, started when the session begins): libtpu then never loads into the test process, whose
+CPU compiles it could otherwise disturb."""
 
 import pytest
 
 from jaxinfer import aot
-
-
-@pytest.fixture(scope="module")
-def tpu_report(tmp_path_factory):
-    out = tmp_path_factory.mktemp("aot") / "report.json"
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, "-m", "jaxinfer.aot", "--small", "--out", str(out)], env=env,
-                          capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(out.read_text())
 
 
 @pytest.mark.parametrize("topology", list(aot.TOPOLOGIES))
