@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 
@@ -67,7 +68,10 @@ def compile_step_sharded(model_cfg, topology: str, data: int, model: int, attent
     compile_tpu; memory_analysis is per chip (SPMD: every chip runs the same program on its shard)."""
     mesh = tpu_mesh(topology, data, model)
     fn, args = step_case(model_cfg, attention_impl, mesh=mesh, **layout)
-    return _compile(fn, args, f"{TOPOLOGIES.get(topology, topology)} mesh {data}x{model}")
+    r = _compile(fn, args, f"{TOPOLOGIES.get(topology, topology)} mesh {data}x{model}")
+    # what one chip holds of the inputs by the shardings alone (memory_analysis should agree)
+    r["shard_bytes"] = sum(math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(args))
+    return r
 
 
 def _compile(fn, args, topology: str, static_kwargs=None) -> dict:
@@ -226,6 +230,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="write the report as JSON here")
     ap.add_argument("--topologies", default=",".join(TOPOLOGIES))
     ap.add_argument("--small", action="store_true", help="a small model for the step (quicker; the tests use it)")
+    ap.add_argument("--pod", default="TPU v5 lite:2x4=1x8", metavar="TOPOLOGY=DATAxMODEL",
+                    help="also compile the step sharded over this slice's chips (default %(default)s: v5e-8; '' skips)")
     args = ap.parse_args(argv)
     report = {"jax": jax.__version__, "tpu": {}, "cuda": {}, "vmem_overflow_rejected": {}}
     model_cfg = default_model_cfg(args.small)
@@ -239,6 +245,16 @@ def main(argv=None) -> int:
             print(f"{r['topology']:<18} {name:<46} {r['compile_s']:>9.2f} {r['temp_bytes'] / 2**20:>9.1f} "
                   f"{(r['bytes_accessed'] or 0) / 1e9:>9.3f} {(est or 0) * 1e6:>9.1f}")
         report["vmem_overflow_rejected"][topo] = vmem_overflow_rejected(topo)
+    if args.pod:  # the step over the XLA attention on one chip, then sharded over every chip of a slice
+        topology, mesh = args.pod.rsplit("=", 1)
+        data, model = (int(x) for x in mesh.split("x"))
+        one = compile_tpu(*step_case(model_cfg, "reference"), topology)
+        report["pod"] = {"one_chip": one, "sharded": compile_step_sharded(model_cfg, topology, data, model)}
+        for r in report["pod"].values():
+            r.pop("hlo")
+            print(f"{r['topology']:<18} {'step (reference attention)':<46} {r['compile_s']:>9.2f} "
+                  f"{r['temp_bytes'] / 2**20:>9.1f} {(r['bytes_accessed'] or 0) / 1e9:>9.3f}   args/chip "
+                  f"{r['argument_bytes'] / 2**20:.1f} MiB")
     for name, (fn, fargs) in gpu_cases().items():
         t0 = time.perf_counter()
         exp = export_cuda(fn, fargs)

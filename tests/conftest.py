@@ -49,34 +49,49 @@ def _release_compiled_code():
     gc.collect()
 
 
-def _start_tpu_compiles(config) -> None:
-    """`python -m jaxinfer.aot --small` in a child process (libtpu then never loads into the test
-    process), started as soon as the session knows it needs it, so that its ~2 minutes of single-
-    threaded TPU compiles overlap the tests before tests/test_kernel_compile.py."""
+# ---- background jobs -------------------------------------------------------------------------------
+# Two slow, single-threaded parts of the suite run as child processes started as soon as collection
+# knows they are needed, so they overlap the tests before theirs: the TPU compile proofs
+# (`python -m jaxinfer.aot --small`, ~2 min; libtpu then never loads into the test process) and the
+# notebooks (tests/run_notebooks.py, ~3 min). A fixture waits for its job and reads what it wrote.
+BACKGROUND = {
+    "tpu_report": ["-m", "jaxinfer.aot", "--small", "--out", "{out}/report.json"],
+    "executed_notebooks": [str(Path(__file__).parent / "run_notebooks.py"), "{out}"],
+}
+JOBS = pytest.StashKey()
+
+
+def _start(config, name: str) -> None:
     import subprocess
     import sys
     import tempfile
 
-    out = Path(tempfile.mkdtemp(prefix="jaxinfer-aot-"))
+    out = Path(tempfile.mkdtemp(prefix=f"jaxinfer-{name}-"))
+    argv = [sys.executable] + [a.format(out=out) for a in BACKGROUND[name]]
     with open(out / "stderr.txt", "w") as log:  # a file, not a pipe: libtpu's warnings would fill a pipe and block
-        proc = subprocess.Popen([sys.executable, "-m", "jaxinfer.aot", "--small", "--out", str(out / "report.json")],
-                                env={**os.environ, "JAX_PLATFORMS": "cpu"}, stdout=subprocess.DEVNULL, stderr=log)
-    config.stash[TPU_COMPILES] = (proc, out)
+        proc = subprocess.Popen(argv, env={**os.environ, "JAX_PLATFORMS": "cpu"}, stdout=log, stderr=subprocess.STDOUT)
+    config.stash.setdefault(JOBS, {})[name] = (proc, out)
 
 
-TPU_COMPILES = pytest.StashKey()
+def _wait(config, name: str, timeout: float = 1200) -> Path:
+    if name not in config.stash.get(JOBS, {}):
+        _start(config, name)
+    proc, out = config.stash[JOBS][name]
+    proc.wait(timeout=timeout)
+    assert proc.returncode == 0, (out / "stderr.txt").read_text()[-3000:]
+    return out
 
 
 def pytest_collection_finish(session):
-    if any("tpu_report" in getattr(item, "fixturenames", ()) for item in session.items):
-        _start_tpu_compiles(session.config)
+    for name in BACKGROUND:
+        if any(name in getattr(item, "fixturenames", ()) for item in session.items):
+            _start(session.config, name)
 
 
 def pytest_unconfigure(config):
     import shutil
 
-    proc, out = config.stash.get(TPU_COMPILES, (None, None))
-    if proc is not None:
+    for proc, out in config.stash.get(JOBS, {}).values():
         if proc.poll() is None:
             proc.kill()
             proc.wait()
@@ -86,12 +101,17 @@ def pytest_unconfigure(config):
 @pytest.fixture(scope="session")
 def tpu_report(request):
     """The report of `python -m jaxinfer.aot --small` (every TPU kernel and the step, for each topology)."""
-    if TPU_COMPILES not in request.config.stash:
-        _start_tpu_compiles(request.config)
-    proc, out = request.config.stash[TPU_COMPILES]
-    proc.wait(timeout=1200)
-    assert proc.returncode == 0, (out / "stderr.txt").read_text()[-3000:]
-    return json.loads((out / "report.json").read_text())
+    return json.loads((_wait(request.config, "tpu_report") / "report.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def executed_notebooks(request):
+    """name -> (the notebook as executed at its tiny size, the error text or None)."""
+    import nbformat
+
+    out = _wait(request.config, "executed_notebooks")
+    return {p.stem: (nbformat.read(p, as_version=4), (out / f"{p.stem}.error.txt").read_text()
+                     if (out / f"{p.stem}.error.txt").exists() else None) for p in sorted(out.glob("*.ipynb"))}
 
 
 def pytest_collection_modifyitems(config, items):

@@ -22,6 +22,16 @@ def test_every_tpu_kernel_and_the_step_compile_with_their_analyses(tpu_report, t
     assert results["step (tpu attention)"]["mosaic_kernels"] >= 2  # decode and prefill attention
 
 
+def test_the_step_sharded_over_a_v5e_8_slice_holds_its_shards_per_chip(tpu_report):
+    """The serving step with weights and KV cache laid out over 8 abstract v5e chips: the compiler's
+    per-chip argument bytes are what the shardings put on one chip, less than the whole on one chip."""
+    one, sharded = tpu_report["pod"]["one_chip"], tpu_report["pod"]["sharded"]
+    assert sharded["topology"] == "TPU v5 lite:2x4 mesh 1x8"
+    assert abs(sharded["argument_bytes"] - sharded["shard_bytes"]) < 0.01 * sharded["shard_bytes"]
+    assert sharded["argument_bytes"] < 0.7 * one["argument_bytes"]
+    assert sharded["flops"] < one["flops"]  # each chip computes its heads' and FFN columns' share
+
+
 @pytest.mark.parametrize("topology", list(aot.TOPOLOGIES))
 def test_tpu_compiler_really_runs_mosaic(tpu_report, topology):
     """A kernel whose VMEM scratch (1 GiB) cannot fit fails to compile: proof the checks above can fail."""

@@ -2,7 +2,6 @@
 and each carries its Colab badge and install cell, with no outputs or paths of the machine that saved it."""
 
 import json
-import os
 import re
 import tomllib
 from pathlib import Path
@@ -56,47 +55,11 @@ def test_readme_lists_every_notebook_with_its_badge():
         assert badge(name) in readme and f"(notebooks/{name}.ipynb)" in readme, name
 
 
-@pytest.fixture(scope="module")
-def executed(tmp_path_factory):
-    """Every notebook executed at its tiny size, two at a time (each kernel is its own process and
-    mostly compiles, on one core) -> name -> (executed notebook, the exception or None)."""
-    import asyncio
-
-    import nbformat
-    from nbclient import NotebookClient
-
-    env = {"JAXINFER_NOTEBOOK_SIZE": "tiny", "JAX_PLATFORMS": "cpu",
-           "JAXINFER_NOTEBOOK_RESULTS": str(tmp_path_factory.mktemp("notebook-results"))}  # not into the checkout
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # the kernels inherit them
-    results, slots = {}, None
-
-    async def run(path):
-        nb = nbformat.read(path, as_version=4)
-        async with slots:
-            try:
-                await NotebookClient(nb, timeout=300, kernel_name="python3",
-                                     resources={"metadata": {"path": str(path.parent)}}).async_execute()
-                results[path.stem] = nb, None
-            except Exception as e:  # noqa: BLE001 - reported by the notebook's own test
-                results[path.stem] = nb, e
-
-    async def main():
-        nonlocal slots
-        slots = asyncio.Semaphore(2)
-        await asyncio.gather(*(run(p) for p in NOTEBOOKS))
-    try:
-        asyncio.run(main())
-    finally:
-        for k, v in saved.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-    return results
-
-
 @pytest.mark.parametrize("name", NAMES)
-def test_runs_top_to_bottom_on_cpu(executed, name):
-    nb, error = executed[name]
-    assert error is None, str(error)[-3000:]
+def test_runs_top_to_bottom_on_cpu(executed_notebooks, name):
+    """Executed by tests/run_notebooks.py (the `executed_notebooks` fixture, started in the background)."""
+    nb, error = executed_notebooks[name]
+    assert error is None, error[-3000:]
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     assert any("image/png" in o.get("data", {}) for o in outputs), "no figure was drawn"
