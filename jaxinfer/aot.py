@@ -18,7 +18,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 TOPOLOGIES = {"v5e": "TPU v5 lite:2x2", "v5p": "TPU v5:2x2x2", "v6e": "TPU v6 lite:2x2"}
@@ -26,8 +25,8 @@ CUDA_TARGETS = ("__gpu$xla.gpu.triton",)  # Pallas GPU (Triton) custom calls
 
 
 def tpu_mesh(topology: str, data: int = 1, model: int = 1):
-    """A mesh of abstract TPU devices (libtpu must be installed): one device, or the topology's chips
-    as a (data, model) mesh (jaxinfer.sharding.make_mesh, which says when there are too few)."""
+    """A (data, model) mesh of a topology's abstract TPU chips, one chip by default (libtpu must be
+    installed; jaxinfer.sharding.make_mesh says when there are too few)."""
     import importlib.util
     import os
 
@@ -43,8 +42,6 @@ def tpu_mesh(topology: str, data: int = 1, model: int = 1):
         desc = topologies.get_topology_desc(platform="tpu", topology_name=name)
     except Exception as e:  # noqa: BLE001 - say which topology failed and why
         raise RuntimeError(f"no abstract TPU topology '{name}': {e}") from e
-    if data * model == 1:
-        return jax.sharding.Mesh(np.asarray(desc.devices[:1]), ("x",))
     from jaxinfer.sharding import make_mesh
 
     return make_mesh(data, model, list(desc.devices))
@@ -68,7 +65,7 @@ def compile_step_sharded(model_cfg, topology: str, data: int, model: int, attent
     compile_tpu; memory_analysis is per chip (SPMD: every chip runs the same program on its shard)."""
     mesh = tpu_mesh(topology, data, model)
     fn, args = step_case(model_cfg, attention_impl, mesh=mesh, **layout)
-    r = _compile(fn, args, f"{TOPOLOGIES.get(topology, topology)} mesh {data}x{model}")
+    r = _compile(fn, args, f"{TOPOLOGIES.get(topology, topology)} mesh {data}x{model}") | {"mesh": f"{data}x{model}"}
     # what one chip holds of the inputs by the shardings alone (memory_analysis should agree)
     r["shard_bytes"] = sum(math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(args))
     return r
