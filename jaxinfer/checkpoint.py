@@ -320,12 +320,15 @@ def build(cfg: RunConfig):
     if tok.vocab_size > model.cfg.vocab_size:
         raise ValueError(f"tokenizer has {tok.vocab_size} tokens but the model only {model.cfg.vocab_size}")
     m = cfg.model
-    if m.quant != "none":
+    if m.quant != "none" or m.quant_lm_head != "none" or m.quant_embed:
         from jaxinfer.models.quantize import quantize_model
 
-        model = quantize_model(model, m.quant, m.quant_group_size, m.matmul_impl, m.quant_asymmetric)
+        model = quantize_model(model, m.quant, m.quant_group_size, m.matmul_impl, m.quant_asymmetric,
+                               m.quant_lm_head, m.quant_embed)
         form = f"/g{m.quant_group_size}" + (" asymmetric" if m.quant_asymmetric else "") if m.quant == "int4" else ""
-        label += f"; weights {m.quant}{form} (matmul_impl {m.matmul_impl})"
+        extra = (f", LM head {m.quant_lm_head}" if m.quant_lm_head != "none" else "") + (
+            ", embedding int8" if m.quant_embed else "")
+        label += f"; weights {m.quant}{form}{extra} (matmul_impl {m.matmul_impl})"
     return model, tok, stops, label
 
 

@@ -65,7 +65,13 @@ class ModelConfig:
     quant: str = "none"
     quant_group_size: int = 128
     quant_asymmetric: bool = False  # int4 only: per-group offset (min) + scale, all 16 levels used
-    matmul_impl: str = "auto"  # kernels.quant_matmul implementation for quantized weights
+    # The LM head too (none | int8 | int4, int4 with quant_group_size); with tied embeddings the head
+    # becomes a quantized copy of embed.T, the input table staying as it is. Applies with quant: none.
+    quant_lm_head: str = "none"
+    quant_embed: bool = False  # the input embedding table as int8 rows with a scale per row
+    # kernels.quant_matmul implementation for quantized weights: auto (cpu kernel on CPU, Pallas on
+    # TPU / GPU) | reference | cpu | tpu | gpu | *_interpret
+    matmul_impl: str = "auto"
     init_std: float = 0.02  # random init only
     # End-of-sequence ids of the checkpoint (generation_config.json, else config.json): every
     # Engine and Generator over this model stops on them by default, with the tokenizer's EOS.

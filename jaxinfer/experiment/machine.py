@@ -16,14 +16,20 @@ from jaxinfer.models import Model
 def footprint(model: Model) -> Footprint:
     """Bytes and weights of one step of `model` (quantized weights counted as stored)."""
     c = model.cfg
-    embed = model.params["embed"][...]
+    p = model.params
+    embed = p["embed"][...]
+    row_scale = 4 if "embed_scale" in p else 0  # quant_embed: a float32 scale per int8 row
+    separate_head = "lm_head" in p  # untied, or a quantized copy of a tied table (quant_lm_head)
     head_params = c.vocab_size * c.hidden_size
-    untied = 0 if c.tie_embeddings else embed.size * embed.dtype.itemsize  # input table: rows only
+    table = embed.size * embed.dtype.itemsize + c.vocab_size * row_scale
+    untied = table if separate_head else 0  # the input table is read a row per token, not streamed
     itemsize = jnp.dtype(c.dtype).itemsize  # the paged cache is kept in the model dtype
-    return Footprint(streamed_bytes=model.param_bytes - untied, embed_row_bytes=c.hidden_size * embed.dtype.itemsize,
+    layer_params = model.num_params - embed.size - (head_params if separate_head else 0)
+    layer_params -= sum(p[n][...].size for n in ("lm_head_scale", "embed_scale") if n in p)
+    return Footprint(streamed_bytes=model.param_bytes - untied,
+                     embed_row_bytes=c.hidden_size * embed.dtype.itemsize + row_scale,
                      kv_bytes_per_token=c.num_layers * 2 * c.num_kv_heads * c.head_dim * itemsize,
-                     layer_params=model.num_params - embed.size - (0 if c.tie_embeddings else head_params),
-                     head_params=head_params)
+                     layer_params=layer_params, head_params=head_params)
 
 
 def _median_s(fn, repeats: int) -> float:

@@ -1,6 +1,7 @@
 """Pallas kernels, each beside the plain-jnp `reference` that is its specification.
 
 Implementations are picked by name: `reference`, `tpu` (Pallas Mosaic TPU), `gpu` (Pallas GPU),
+`cpu` (an XLA FFI custom call in C++, built on first use: quant_matmul only),
 `tpu_interpret` / `gpu_interpret` (the same kernels run by the Pallas interpreter: any backend,
 slow, for tests), or `auto`: the kernel for this backend when it can take the inputs, else the
 reference, with one log line saying why.
@@ -14,7 +15,7 @@ import jax
 from jax.experimental.pallas import tpu as pltpu
 
 log = logging.getLogger("jaxinfer.kernels")
-IMPL_NAMES = ("auto", "reference", "tpu", "gpu", "tpu_interpret", "gpu_interpret")
+IMPL_NAMES = ("auto", "reference", "tpu", "gpu", "cpu", "tpu_interpret", "gpu_interpret")
 _LOGGED: set[str] = set()
 
 
@@ -36,15 +37,18 @@ def select(what: str, impl: str, unsupported: dict, *args) -> tuple[str, dict]:
         return "reference", {}
     if impl == "auto":
         backend = jax.default_backend()
-        name = {"tpu": "tpu", "gpu": "gpu", "cuda": "gpu"}.get(backend)
-        if name is None:
-            log_once(f"{what} auto: no Pallas kernel for the {backend} backend; using the jnp reference")
+        name = {"tpu": "tpu", "gpu": "gpu", "cuda": "gpu", "cpu": "cpu"}.get(backend)
+        if name not in unsupported:
+            log_once(f"{what} auto: no kernel for the {backend} backend; using the jnp reference")
             return "reference", {}
         if why := unsupported[name](*args):
             log_once(f"{what} auto: the {name} kernel cannot take these inputs ({why}); using the jnp reference")
             return "reference", {}
         return name, {}
     name = impl.removesuffix("_interpret")
+    if name not in unsupported:
+        raise ValueError(f"{what} '{impl}' is not available for this op; choose from auto, reference, "
+                         + ", ".join(sorted(unsupported)))
     if why := unsupported[name](*args):
         raise ValueError(f"{what} '{impl}': {why}")
     if impl == "tpu_interpret":

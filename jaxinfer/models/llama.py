@@ -143,6 +143,8 @@ class Transformer(nnx.Module):
         for name in self.LINEAR:  # set by models.quantize.quantize_model
             setattr(self, name + "_scale", None)
             setattr(self, name + "_offset", None)
+        self.lm_head_scale = None  # quant_lm_head: lm_head holds the quantized values
+        self.embed_scale = None  # quant_embed: embed holds int8 rows, this a scale per row
 
     # Linear weights: (input axes, output axes) as logical names; quantization flattens each to 2-D.
     LINEAR = {"wq": (("embed",), ("q_heads", "head_dim")), "wk": (("embed",), ("kv_heads", "head_dim")),
@@ -212,6 +214,9 @@ class Transformer(nnx.Module):
         elif attend is None:
             attend = partial(dense_attend, positions=positions, kv_len=kv_len or cache.max_len, sliding_window=window)
         x = self.embed[...][tokens]
+        if self.embed_scale is not None:  # int8 rows: only the rows this step needs are read
+            x = x.astype(jnp.float32) * self.embed_scale[...][tokens]
+            x = x.astype(dtype_of(self.cfg.dtype))
         # RoPE angles in float32: bf16 cannot tell position 257 from 256.
         freqs = positions[..., None].astype(jnp.float32) * rope_inv_freq(self.cfg)  # [B, T, H/2]
         freqs = jnp.concatenate([freqs, freqs], axis=-1)
@@ -233,5 +238,10 @@ class Transformer(nnx.Module):
 
     def logits(self, hidden):
         """hidden [..., D] -> float32 logits [..., V]."""
+        if self.lm_head_scale is not None:
+            cfg = self.cfg
+            bits = 4 if cfg.quant_lm_head == "int4" else 8
+            q = QuantArray(self.lm_head[...], self.lm_head_scale[...], bits, cfg.quant_group_size if bits == 4 else 0)
+            return quant_matmul(hidden, q, impl=cfg.matmul_impl).astype(jnp.float32)
         w = self.embed[...].T if self.lm_head is None else self.lm_head[...]
         return jnp.einsum("...d,dv->...v", hidden, w, preferred_element_type=jnp.float32)

@@ -1,7 +1,9 @@
 """Weight-only quantization of a loaded model: each linear weight becomes int8 (per output channel)
 or packed int4 (group-wise) values plus float32 scales, as two params (`wq`, `wq_scale`), and the
-model's matmuls go through `kernels.quant_matmul` (`model.matmul_impl`). Embeddings, norms, biases
-and the LM head stay in float."""
+model's matmuls go through `kernels.quant_matmul` (`model.matmul_impl`). Optionally the LM head
+(`quant_lm_head`, int8 or int4; for tied embeddings a quantized copy of embed.T) and the input
+embedding table (`quant_embed`: int8 rows, one scale per row, so a step gathers int8 rows). Norms
+and biases stay in float."""
 
 from __future__ import annotations
 
@@ -19,8 +21,15 @@ BITS = {"int8": (8, False), "int4": (4, True)}
 
 
 def check(cfg) -> None:
-    """Raises if cfg.quant / quant_group_size cannot apply to this model's shapes."""
+    """Raises if cfg.quant / quant_lm_head / quant_group_size cannot apply to this model's shapes."""
+    if cfg.quant_lm_head != "none" and cfg.quant_lm_head not in BITS:
+        raise ValueError(f"model.quant_lm_head='{cfg.quant_lm_head}' is not supported; use none, int8 or int4")
+    if cfg.quant_lm_head == "int4" and (cfg.quant_group_size not in (32, 64, 128) or cfg.hidden_size % cfg.quant_group_size):
+        raise ValueError(f"model.quant_lm_head=int4 needs quant_group_size in 32, 64, 128 dividing "
+                         f"hidden_size={cfg.hidden_size}; got {cfg.quant_group_size}")
     if cfg.quant == "none":
+        if cfg.quant_asymmetric:
+            raise ValueError("model.quant_asymmetric is for model.quant=int4")
         return
     if cfg.quant not in BITS:
         raise ValueError(f"model.quant='{cfg.quant}' is not supported; use none, int8 or int4")
@@ -40,16 +49,28 @@ def check(cfg) -> None:
 
 
 def quantize_model(model: Model, quant: str, group_size: int = 128, matmul_impl: str = "auto",
-                   asymmetric: bool = False) -> Model:
-    """The model with its linear weights quantized (a new Model; `model` is untouched)."""
+                   asymmetric: bool = False, lm_head: str = "none", embed: bool = False) -> Model:
+    """The model with its linear weights (and optionally its LM head and input embedding table)
+    quantized: a new Model; `model` is untouched."""
     cfg = dataclasses.replace(model.cfg, quant=quant, quant_group_size=group_size, matmul_impl=matmul_impl,
-                              quant_asymmetric=asymmetric)
+                              quant_asymmetric=asymmetric, quant_lm_head=lm_head, quant_embed=embed)
     check(cfg)
-    if quant == "none":
-        return Model(cfg, model.graphdef, model.params)
-    bits, grouped = BITS[quant]
     module = nnx.merge(model.graphdef, model.params)
     module.cfg = cfg
+    if lm_head != "none":
+        head_bits, head_grouped = BITS[lm_head]
+        w = module.embed[...].T if module.lm_head is None else module.lm_head[...]
+        q = quantize(w, head_bits, group_size if head_grouped else 0)
+        module.lm_head = nnx.data(nnx.Param(q.values, out_sharding=("embed", "vocab"), eager_sharding=False))
+        module.lm_head_scale = nnx.data(nnx.Param(q.scales, out_sharding=(None, "vocab"), eager_sharding=False))
+    if embed:
+        q = quantize(module.embed[...].T, 8)  # per column of embed.T = per row of the table
+        module.embed = nnx.data(nnx.Param(q.values.T, out_sharding=("vocab", "embed"), eager_sharding=False))
+        module.embed_scale = nnx.data(nnx.Param(q.scales.T, out_sharding=("vocab", None), eager_sharding=False))
+    if quant == "none":
+        graphdef, params = nnx.split(module)
+        return Model(cfg, graphdef, params)
+    bits, grouped = BITS[quant]
     stacked = cfg.scan_layers
 
     def one(w, n_in):  # one layer's weight, flattened to [inputs, outputs] -> {suffix: array}

@@ -1,0 +1,114 @@
+"""`x @ W` for quantized W on the CPU: XLA FFI custom calls (cpu.cc) that read the int8 / packed int4
+bytes every call and never build a float copy of the weight; `reference.py` is the specification.
+
+Why a custom call: XLA's CPU backend has no fast path for it. Its int8 x int8 -> int32 dot is a
+scalar loop at M = 1, every library fusion (XNNPACK, YNNPACK, oneDNN) packs the weight on each call
+or rejects M = 1, and the fused convert-multiply-reduce pays ~0.2 ms a call; the reference
+dequantizes every weight every step (`benchmarks/quant_gemv.py` measures each of these).
+
+cpu.cc is built on first use with the machine's C++ compiler (`CXX`, else c++ / g++ / clang++),
+`-O3 -march=native`, against the XLA FFI headers that jaxlib ships, into a cache folder keyed by
+the source, the flags, the compiler and jaxlib (`JAXINFER_KERNEL_CACHE`, default
+~/.cache/jaxinfer/kernels). With no compiler, `unsupported` says so and `auto` keeps the reference.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinfer.kernels.quant_matmul.reference import QuantArray, check_features
+
+SOURCE = Path(__file__).with_name("cpu.cc")
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
+TARGETS = {"int8": "JaxinferInt8Matmul", "int4": "JaxinferInt4Matmul", "int4_asym": "JaxinferInt4AsymMatmul"}
+
+
+def compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("JAXINFER_KERNEL_CACHE", Path.home() / ".cache" / "jaxinfer" / "kernels"))
+
+
+@functools.cache
+def build() -> Path:
+    """Compiles cpu.cc once per (source, flags, compiler, jaxlib) and returns the shared library."""
+    import jaxlib
+
+    cxx = compiler()
+    if cxx is None:
+        raise RuntimeError("matmul_impl 'cpu' needs a C++ compiler (set CXX, or install g++); "
+                           "use matmul_impl: reference meanwhile")
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, cxx, *version, jaxlib.__version__]).encode())
+    out = cache_dir() / f"quant_matmul_{key.hexdigest()[:16]}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    include = Path(jaxlib.__file__).parent / "include"
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:  # build aside, then rename: safe under races
+        part = Path(tmp) / out.name
+        cmd = [cxx, *FLAGS, f"-I{include}", str(SOURCE), "-o", str(part)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"building the CPU quant_matmul kernel failed ({' '.join(cmd)}):\n{done.stderr[-4000:]}")
+        os.replace(part, out)
+    return out
+
+
+@functools.cache
+def register() -> None:
+    import ctypes
+
+    lib = ctypes.cdll.LoadLibrary(str(build()))
+    for target in TARGETS.values():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, target)), platform="cpu")
+
+
+@functools.cache
+def _build_error() -> str | None:
+    try:
+        register()
+    except (RuntimeError, OSError) as e:
+        return str(e).splitlines()[0]
+    return None
+
+
+def unsupported(x, q: QuantArray) -> str | None:
+    if sys.platform == "win32":
+        return "the CPU kernel is built for Linux and macOS"
+    if x.dtype != jnp.float32:
+        return f"activations must be float32, got {x.dtype}"
+    return _build_error()
+
+
+def quant_matmul(x, q: QuantArray):
+    """x [..., K] float32 @ W -> [..., N] float32."""
+    check_features(x, q)
+    register()
+    k, n = q.shape
+    x2 = x.reshape(-1, k)
+    out = jax.ShapeDtypeStruct((x2.shape[0], n), jnp.float32)
+    if q.bits == 8:
+        y = jax.ffi.ffi_call(TARGETS["int8"], out)(x2, q.values, q.scales)
+    elif q.offsets is None:
+        y = jax.ffi.ffi_call(TARGETS["int4"], out)(x2, q.values, q.scales, group=np.int64(q.group_size))
+    else:
+        y = jax.ffi.ffi_call(TARGETS["int4_asym"], out)(x2, q.values, q.scales, q.offsets,
+                                                          group=np.int64(q.group_size))
+    return y.reshape(*x.shape[:-1], n)
