@@ -132,6 +132,12 @@ class Generator:
         _COMPILED[key] = (prefill_c, decode_c)
         return _COMPILED[key], time.perf_counter() - t0
 
+    def compiled_hlo(self) -> dict[str, str]:
+        """{"prefill": ..., "decode": ...}: the optimized HLO of the last generate()'s executables."""
+        if not hasattr(self, "_last"):
+            raise ValueError("compiled_hlo: call generate() first")
+        return {"prefill": self._last[0].as_text(), "decode": self._last[1].as_text()}
+
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig | list[SamplingConfig] = SamplingConfig(),
                  stop_ids: tuple[int, ...] | None = None, tokenizer=None) -> GenerationResult:
         """Generates for each prompt (lists of token ids); each row as if it ran alone.
@@ -169,6 +175,7 @@ class Generator:
         params = SamplingParams.from_configs(configs, rows)
         args = (tokens, lengths, params, max_new, stops)
         (prefill, decode), compile_s = self._executables(rows, prompt_len, max_steps, stops.shape[1], args)
+        self._last = (prefill, decode)
 
         t0 = time.perf_counter()
         cache, first, first_lp = prefill(self.model.params, tokens, lengths, params)

@@ -53,9 +53,54 @@ def test_reference_equals_dense_dot_of_dequantized_weights(dtype, tol, bits, gro
     for shape in [(1, 128), (3, 7, 128)]:  # one token, and a batch of sequences
         x = jax.random.normal(jax.random.key(2), shape).astype(dtype)
         want = np.asarray(x.astype(jnp.float32) @ dequantize(q))
-        got = np.asarray(quant_matmul(x, q).astype(jnp.float32))
+        got = np.asarray(quant_matmul(x, q, impl="reference").astype(jnp.float32))
         assert got.shape == shape[:-1] + (40,)
         np.testing.assert_allclose(got, want, atol=tol * np.abs(want).max())
+
+
+@pytest.mark.parametrize("bits,group,asym", [(8, 0, False), (4, 32, False), (4, 128, False), (4, 64, True)])
+def test_cpu_kernel_equals_the_reference(bits, group, asym):
+    """The C++ FFI kernel against reference.quant_matmul: one row (decode), a few (speculative
+    verify, small batches), more than a row tile, and N / K that are no multiple of the vector width
+    or the column block; K split across threads (384 rows), and a wide N (9000 > one block)."""
+    from jaxinfer.kernels.quant_matmul import cpu, reference
+
+    assert cpu.unsupported(jnp.ones((1, 8)), quantize(jnp.ones((8, 8)))) is None, "the CPU kernel did not build"
+    for (k, n) in [(384, 300), (128, 9000), (256, 7)]:
+        q = quantize(jax.random.normal(jax.random.key(k), (k, n)) * 0.1, bits, group, asym)
+        for m in (1, 3, 5, 37):
+            x = jax.random.normal(jax.random.key(m), (m, k))
+            want = np.asarray(reference.quant_matmul(x, q))
+            got = np.asarray(jax.jit(cpu.quant_matmul)(x, q))
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max(), err_msg=f"{m}x{k}x{n}")
+    x3 = jax.random.normal(jax.random.key(9), (2, 3, 256))  # leading axes are flattened and restored
+    q = quantize(jax.random.normal(jax.random.key(8), (256, 24)), bits, group, asym)
+    np.testing.assert_allclose(np.asarray(cpu.quant_matmul(x3, q)), np.asarray(reference.quant_matmul(x3, q)),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_kernel_is_auto_on_cpu_for_float32_only():
+    from jaxinfer.kernels import select
+    from jaxinfer.kernels.quant_matmul import UNSUPPORTED
+
+    q = quantize(jnp.ones((64, 16)))
+    assert select("matmul_impl", "auto", UNSUPPORTED, jnp.ones((1, 64)), q)[0] == "cpu"
+    assert select("matmul_impl", "auto", UNSUPPORTED, jnp.ones((1, 64), jnp.bfloat16), q)[0] == "reference"
+    with pytest.raises(ValueError, match="matmul_impl 'cpu': activations must be float32, got bfloat16"):
+        select("matmul_impl", "cpu", UNSUPPORTED, jnp.ones((1, 64), jnp.bfloat16), q)
+
+
+def test_cpu_kernel_without_a_compiler_says_so(monkeypatch, tmp_path):
+    from jaxinfer.kernels.quant_matmul import cpu
+
+    monkeypatch.setenv("CXX", "")
+    monkeypatch.setattr(cpu.shutil, "which", lambda name: None)
+    cpu.build.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match="needs a C\\+\\+ compiler"):
+            cpu.build()
+    finally:
+        cpu.build.cache_clear()
 
 
 def test_bad_shapes_name_the_constraint():

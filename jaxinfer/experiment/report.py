@@ -41,7 +41,7 @@ DEFAULT_COLUMNS = {
                     "pct_of_bound", "usd_per_1m"),
     "compile": ("compile_s", "temp_mib", "gb_moved", "est_us", "kernels"),
 }
-ROW_LABELS = ("mode", "target", "case")  # labels a kind puts on its rows (a run may give several)
+ROW_LABELS = ("mode", "decoder", "target", "case")  # labels a kind puts on its rows (a run may give several)
 PRIMARY = {"decode": "tok_s", "serve": "throughput_output_tok_s", "speculative": "tok_s", "quality": "tok_s"}
 
 

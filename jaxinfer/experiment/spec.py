@@ -58,6 +58,9 @@ class ExperimentSpec:
     # pass; arrivals vary the shapes a pass meets, so without it a measured step may compile. Off
     # for configs with many shapes and a deterministic workload (all arrivals at 0).
     compile_all_shapes: bool = True
+    # decode: what decodes: generator (dense cache, one compiled loop) and/or engine (paged cache,
+    # host scheduler, one compiled step per token); each gives a row labelled `decoder`
+    decoders: tuple[str, ...] = ("generator",)
     # quality: held-out stories (the validation split of the reference corpus) and window length
     eval_stories: int = 100
     eval_len: int = 128
@@ -80,6 +83,9 @@ class ExperimentSpec:
                 if not values:
                     raise ValueError(f"experiment.{section}.{key}: an empty list of values; give at least one "
                                      f"(or drop the key)")
+        for d in self.decoders:
+            if d not in ("generator", "engine"):
+                raise ValueError(f"experiment.decoders: '{d}' is not a decoder; use generator and/or engine")
         lengths = {k: len(v) for k, v in self.zip.items()}
         if len(set(lengths.values())) > 1:
             raise ValueError(f"experiment.zip: lists of different lengths {lengths}; zip steps them together")

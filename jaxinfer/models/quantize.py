@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from jaxinfer.kernels.quant_matmul import quantize
@@ -93,3 +95,35 @@ def quantize_model(model: Model, quant: str, group_size: int = 128, matmul_impl:
                     [nnx.Param(parts[suffix], out_sharding=names[suffix], eager_sharding=False) for parts in layers])))
     graphdef, params = nnx.split(module)
     return Model(cfg, graphdef, params)
+
+
+def quantized_shapes(model: Model) -> dict[tuple[int, ...], str]:
+    """{float shape of a quantized weight: its name}: [K, N] per layer (and [L, K, N] stacked)."""
+    shapes = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(model.params):
+        keys = [getattr(k, "key", getattr(k, "idx", None)) for k in path]
+        name = next((k for k in keys if isinstance(k, str)), "")
+        if name in Transformer.LINEAR or name == "lm_head":
+            if name + "_scale" not in model.params:
+                continue
+            v = leaf.shape
+            k = v[-2] * (2 if leaf.dtype == jnp.uint8 else 1)
+            shapes[(*v[:-2], k, v[-1])] = name
+            shapes[(k, v[-1])] = name
+    return shapes
+
+
+_DEF = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = (f32|bf16|f16|f64)\[([\d,]*)\]", re.M)
+
+
+def float_weight_copies(model: Model, hlo_text: str) -> list[str]:
+    """Instructions of an optimized HLO module that produce a float array shaped like one of the
+    model's quantized weights: a dequantized copy that a step would read instead of the int8 / int4
+    bytes. Empty when every quantized matmul reads the stored bytes."""
+    shapes = quantized_shapes(model)
+    found = []
+    for m in _DEF.finditer(hlo_text):
+        shape = tuple(int(d) for d in m.group(3).split(",") if d)
+        if shape in shapes:
+            found.append(f"{m.group(1)}: {m.group(2)}{list(shape)} (like {shapes[shape]})")
+    return found
