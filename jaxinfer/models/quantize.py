@@ -29,6 +29,9 @@ def check(cfg) -> None:
     if cfg.quant_lm_head == "int4" and (cfg.quant_group_size not in (32, 64, 128) or cfg.hidden_size % cfg.quant_group_size):
         raise ValueError(f"model.quant_lm_head=int4 needs quant_group_size in 32, 64, 128 dividing "
                          f"hidden_size={cfg.hidden_size}; got {cfg.quant_group_size}")
+    if cfg.quant_embed and cfg.tie_embeddings and cfg.quant_lm_head == "none":
+        raise ValueError("model.quant_embed with tied embeddings: the LM head reads the same table, so it needs "
+                         "model.quant_lm_head (int8 or int4) to get its own copy; set quant_lm_head: int8")
     if cfg.quant == "none":
         if cfg.quant_asymmetric:
             raise ValueError("model.quant_asymmetric is for model.quant=int4")
