@@ -244,7 +244,8 @@ def quality(run, ctx: Context):
     with the unquantized model, plus the decode speed of _decode_speed."""
     cfg = run.cfg
     model, tok, label = ctx.model(cfg)
-    ref_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, quant="none"))
+    ref_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, quant="none", quant_lm_head="none",
+                                                                 quant_embed=False, quant_asymmetric=False))
     key = ("quality_ref", ref_cfg.checkpoint, ref_cfg.model)
     if "held_out" not in ctx.cache:  # one tokenization per experiment: every variant scores the same windows
         ctx.cache["held_out"] = held_out(tok, ctx.spec.eval_stories, ctx.spec.eval_len)

@@ -2,11 +2,14 @@
 // with the machine's C++ compiler on first use; reference.py is the specification).
 //
 // XLA's CPU backend has no matrix-vector product that reads int8 weights: its int8 dot is a scalar
-// loop at M = 1 and its fused convert-multiply-reduce costs ~0.2 ms a call (both measured in
-// benchmarks/quant_gemv.py). These kernels stream each weight byte once per call: the columns are
-// cut into blocks of NB, the blocks shared out to XLA's intra-op threads, and each block walks K
-// row by row (NB contiguous bytes a row), widening to float32 and accumulating for up to MT rows
-// of x at once; larger M takes several passes over the block, which then comes from L2.
+// loop at M = 1 and its fused convert-multiply-reduce costs ~0.2 ms a call (both measured by
+// experiments/quant_gemv.py). These kernels stream each weight byte once per call. Rows of W are
+// contiguous in memory, so a task walks whole rows (or blocks of NB columns of wider ones): the K
+// axis is cut into ranges, one task per (range, column block), shared out to XLA's intra-op
+// threads, each writing partial sums the caller adds. A task widens four rows of int8 (or one
+// packed int4 row: two k) to float32 and accumulates them for up to MT rows of x; larger M makes
+// more passes.
+// AVX2 + FMA where the compiler targets them (-march=native), else plain loops.
 //
 // Layouts are reference.py's: int8 values [K, N] with scales [1, N]; int4 values [K/2, N] (even k
 // in the low nibble, odd k in the high; signed, or unsigned with offsets), scales and offsets

@@ -4,7 +4,7 @@ bytes every call and never build a float copy of the weight; `reference.py` is t
 Why a custom call: XLA's CPU backend has no fast path for it. Its int8 x int8 -> int32 dot is a
 scalar loop at M = 1, every library fusion (XNNPACK, YNNPACK, oneDNN) packs the weight on each call
 or rejects M = 1, and the fused convert-multiply-reduce pays ~0.2 ms a call; the reference
-dequantizes every weight every step (`benchmarks/quant_gemv.py` measures each of these).
+dequantizes every weight every step (`experiments/quant_gemv.py` measures each of these).
 
 cpu.cc is built on first use with the machine's C++ compiler (`CXX`, else c++ / g++ / clang++),
 `-O3 -march=native`, against the XLA FFI headers that jaxlib ships, into a cache folder keyed by
