@@ -201,8 +201,10 @@ def load_hf(folder: str | Path, dtype: str = "auto") -> Model:
 
 
 def _float_only(model: Model) -> None:
-    if model.cfg.quant != "none":
-        raise CheckpointError(f"this model's weights are quantized (model.quant={model.cfg.quant}); save the float "
+    c = model.cfg
+    if c.quant != "none" or c.quant_lm_head != "none" or c.quant_embed:
+        raise CheckpointError(f"this model's weights are quantized (model.quant={c.quant}, quant_lm_head="
+                              f"{c.quant_lm_head}, quant_embed={c.quant_embed}); save the float "
                               "model: quantization is applied at load time from model.quant")
 
 
