@@ -190,8 +190,8 @@ def test_report_table_baseline_and_readme_blocks(tmp_path):
     out = runner.run_experiment(exp, tmp_path / "res", progress=False)
     text = rep.report(out)
     lines = [x for x in rep.markdown(rep.load(out)).splitlines() if x.startswith("| ") and "---" not in x]
-    assert "| num_requests | variant | $ / 1M tok here | h100 at bound |" in text  # the other devices' costs
-    assert lines[0].startswith("| num_requests | variant | tok/s | bound tok/s | % of bound |")
+    assert "| num_requests | variant | decoder | $ / 1M tok here | h100 at bound |" in text  # the other devices' costs
+    assert lines[0].startswith("| num_requests | variant | decoder | tok/s | bound tok/s | % of bound |")
     assert len(lines) == 1 + 4 and lines[0].endswith("| tok/s / a |")
     assert all(x.endswith("| 1.00x |") for x in lines[1:] if "| a |" in x)
     assert (out / "report.md").is_file() and (out / "exp.png").stat().st_size > 1000
