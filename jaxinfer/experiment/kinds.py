@@ -132,11 +132,11 @@ def _engine_decode_speed(model, tok, cfg: RunConfig, ctx: Context) -> dict:
     for _ in range(ctx.spec.repeats):
         e.records.clear()
         e.generate(prompts, sampling)
-        ends = [r.end for r in e.records if r.num_tokens == r.num_rows]  # decode-only steps
-        if len(ends) < 2:
-            raise ValueError(f"the engine made {len(ends)} decode-only steps; raise bench.output_len")
-        tpot.append((ends[-1] - ends[0]) / (len(ends) - 1))
-        steps = [(r.num_tokens, r.num_rows, r.live_tokens) for r in e.records if r.num_tokens == r.num_rows]
+        decode = [r for r in e.records if r.num_tokens == r.num_rows]  # decode-only steps
+        if len(decode) < 2:
+            raise ValueError(f"the engine made {len(decode)} decode-only steps; raise bench.output_len")
+        tpot.append((decode[-1].end - decode[0].end) / (len(decode) - 1))
+        steps = [(r.num_tokens, r.num_rows, r.live_tokens) for r in decode]
     step_s = statistics.median(tpot)
     batch = len(prompts)
     row = {"batch": batch, "tok_s": batch / step_s, "step_ms": 1e3 * step_s, "compile_s": compile_s,

@@ -154,16 +154,20 @@ class Transformer(nnx.Module):
                     "mlp_norm", "w_gate", "w_up", "w_down", *(n + "_scale" for n in LINEAR),
                     *(n + "_offset" for n in LINEAR))
 
+    def _quant_array(self, mode, values, scales, offsets=None) -> QuantArray:
+        """Stored values and scales as a QuantArray for `mode` (int8: per channel; int4: groups of
+        quant_group_size)."""
+        int4 = mode == "int4"
+        return QuantArray(values, scales, 4 if int4 else 8, self.cfg.quant_group_size if int4 else 0, offsets)
+
     def _linear(self, x, p, name, equation, out_shape):
         """x @ p[name]: an einsum for float weights, kernels.quant_matmul for quantized ones (the
         weight is then [inputs, outputs] flattened, and x's contracted axes are flattened to match)."""
         if name + "_scale" not in p:
             return jnp.einsum(equation, x, p[name])
-        cfg = self.cfg
-        q = QuantArray(p[name], p[name + "_scale"], 4 if cfg.quant == "int4" else 8,
-                       cfg.quant_group_size if cfg.quant == "int4" else 0, p.get(name + "_offset"))
+        q = self._quant_array(self.cfg.quant, p[name], p[name + "_scale"], p.get(name + "_offset"))
         lead = x.shape[:2]  # [B, T]
-        y = quant_matmul(x.reshape(*lead, -1), q, impl=cfg.matmul_impl)
+        y = quant_matmul(x.reshape(*lead, -1), q, impl=self.cfg.matmul_impl)
         return y.reshape(*lead, *out_shape)
 
     def _layer_params(self):
@@ -239,9 +243,7 @@ class Transformer(nnx.Module):
     def logits(self, hidden):
         """hidden [..., D] -> float32 logits [..., V]."""
         if self.lm_head_scale is not None:
-            cfg = self.cfg
-            bits = 4 if cfg.quant_lm_head == "int4" else 8
-            q = QuantArray(self.lm_head[...], self.lm_head_scale[...], bits, cfg.quant_group_size if bits == 4 else 0)
-            return quant_matmul(hidden, q, impl=cfg.matmul_impl).astype(jnp.float32)
+            q = self._quant_array(self.cfg.quant_lm_head, self.lm_head[...], self.lm_head_scale[...])
+            return quant_matmul(hidden, q, impl=self.cfg.matmul_impl).astype(jnp.float32)
         w = self.embed[...].T if self.lm_head is None else self.lm_head[...]
         return jnp.einsum("...d,dv->...v", hidden, w, preferred_element_type=jnp.float32)

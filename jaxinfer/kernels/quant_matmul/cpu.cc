@@ -186,8 +186,9 @@ inline void by_rows(int64_t mt, F f) {  // f(std::integral_constant<int64_t, mt>
   }
 }
 
-// Shared driver: rows(kMt, x_tile, k0, k1, n0, nb, acc) accumulates one tile; post(m, n) scales
-// the summed result (int8: the channel scale; int4 applied its scales per group).
+// Shared driver: rows(kMt, x_tile, k0, k1, n0, nb, acc, part) accumulates one tile; the summed
+// result is then multiplied by col_scale if given (int8: the channel scale; int4 applies its
+// scales per group inside rows and passes none).
 template <typename Rows>
 void drive(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K, int64_t N, int64_t unit,
            const float* col_scale, float* out, Rows rows) {
