@@ -43,6 +43,7 @@ def fused_reduce(x, q):
 
 METHODS = {
     "float32 x @ W": ("f32", lambda x, w: x @ w),
+    "float32 cpu kernel (FFI)": ("f32", cpu.float_matmul),
     "int8 reference (dequantize, dot)": ("int8", reference.quant_matmul),
     "int8 XLA int8 dot (w8a8)": ("int8", xla_int8_dot),
     "int8 fused convert-mul-reduce": ("int8T", fused_reduce),

@@ -72,6 +72,9 @@ class ModelConfig:
     # kernels.quant_matmul implementation for quantized weights: auto (cpu kernel on CPU, Pallas on
     # TPU / GPU) | reference | cpu | tpu | gpu | *_interpret
     matmul_impl: str = "auto"
+    # Float weights' matmuls: auto (on the CPU backend, float32 x with at most 4 rows, i.e. small-batch
+    # decode: the cpu FFI kernel, which streams W once for all rows; else XLA's dot) | xla | cpu (always)
+    float_matmul: str = "auto"
     init_std: float = 0.02  # random init only
     # End-of-sequence ids of the checkpoint (generation_config.json, else config.json): every
     # Engine and Generator over this model stops on them by default, with the tokenizer's EOS.

@@ -79,6 +79,69 @@ def test_cpu_kernel_equals_the_reference(bits, group, asym):
                                rtol=1e-5, atol=1e-5)
 
 
+def test_cpu_float_kernel_equals_xla_dot():
+    """The float32 half of the cpu kernel (model.float_matmul) against XLA's dot, same shapes."""
+    from jaxinfer.kernels.quant_matmul import cpu
+
+    for (k, n) in [(384, 300), (128, 9000), (256, 7)]:
+        w = jax.random.normal(jax.random.key(k), (k, n)) * 0.1
+        for m in (1, 3, 5, 37):
+            x = jax.random.normal(jax.random.key(m), (m, k))
+            want = np.asarray(jnp.dot(x, w, precision="highest"))
+            got = np.asarray(jax.jit(cpu.float_matmul)(x, w))
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max(), err_msg=f"{m}x{k}x{n}")
+
+
+def _custom_calls(fn, *args) -> int:
+    return jax.jit(fn).lower(*args).as_text().count("JaxinferF32Matmul")
+
+
+def test_float_matmul_auto_takes_the_kernel_for_a_few_float32_rows_only():
+    from jaxinfer.kernels.quant_matmul import FLOAT_ROWS, float_matmul
+
+    w = jnp.ones((64, 16))
+    auto = lambda x, w: float_matmul(x, w)  # noqa: E731
+    assert _custom_calls(auto, jnp.ones((1, 64)), w) == 1
+    assert _custom_calls(auto, jnp.ones((2, FLOAT_ROWS // 2, 64)), w) == 1  # rows count across leading axes
+    assert _custom_calls(auto, jnp.ones((FLOAT_ROWS + 1, 64)), w) == 0  # a prefill chunk: XLA's dot
+    assert _custom_calls(auto, jnp.ones((1, 64), jnp.bfloat16), w.astype(jnp.bfloat16)) == 0
+    assert _custom_calls(lambda x, w: float_matmul(x, w, impl="xla"), jnp.ones((1, 64)), w) == 0
+    assert _custom_calls(lambda x, w: float_matmul(x, w, impl="cpu"), jnp.ones((FLOAT_ROWS + 1, 64)), w) == 1
+    with pytest.raises(ValueError, match="model.float_matmul 'cpu': activations and weights must be float32"):
+        float_matmul(jnp.ones((1, 64), jnp.bfloat16), w, impl="cpu")
+    with pytest.raises(ValueError, match="model.float_matmul 'gpu' is not available; choose from auto, xla, cpu"):
+        float_matmul(jnp.ones((1, 64)), w, impl="gpu")
+
+
+@pytest.mark.skipif(__import__("platform").machine() != "x86_64", reason="x86-64 instruction-set levels")
+@pytest.mark.parametrize("arch", ["x86-64-v3", "x86-64"])
+def test_cpu_kernel_paths_for_other_instruction_sets(arch, tmp_path):
+    """The AVX2 + FMA path and the plain loops (what an AVX2-only or other CPU builds), built with
+    JAXINFER_KERNEL_ARCH in a fresh process, against the reference and XLA's dot."""
+    import os
+    import subprocess
+    import sys
+
+    script = """
+import jax, jax.numpy as jnp, numpy as np
+from jaxinfer.kernels.quant_matmul import cpu, reference, quantize
+for bits, group, asym in [(8, 0, False), (4, 32, False), (4, 64, True), (0, 0, False)]:
+    for m, k, n in [(1, 128, 40), (5, 256, 7), (37, 128, 300)]:
+        x = jax.random.normal(jax.random.key(m), (m, k))
+        w = jax.random.normal(jax.random.key(k + n), (k, n)) * 0.1
+        if bits:
+            q = quantize(w, bits, group, asym)
+            want, got = reference.quant_matmul(x, q), jax.jit(cpu.quant_matmul)(x, q)
+        else:
+            want, got = jnp.dot(x, w, precision="highest"), jax.jit(cpu.float_matmul)(x, w)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+print("ok", cpu.build().name)
+"""
+    env = os.environ | {"JAXINFER_KERNEL_ARCH": arch, "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
+
+
 def test_cpu_kernel_is_auto_on_cpu_for_float32_only():
     from jaxinfer.kernels import select
     from jaxinfer.kernels.quant_matmul import UNSUPPORTED

@@ -20,7 +20,7 @@ from flax import nnx
 
 from jaxinfer.cache import DenseKVCache
 from jaxinfer.config import ModelConfig
-from jaxinfer.kernels.quant_matmul import QuantArray, quant_matmul
+from jaxinfer.kernels.quant_matmul import QuantArray, float_matmul, quant_matmul
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -169,7 +169,7 @@ class Transformer(nnx.Module):
         if name + "_scale" not in p:
             w = p[name]
             w = w.reshape(math.prod(w.shape[:len(self.LINEAR[name][0])]), -1)
-            y = jnp.einsum("btk,kn->btn", x.reshape(*lead, -1), w)
+            y = float_matmul(x.reshape(*lead, -1), w, impl=self.cfg.float_matmul)
         else:
             q = self._quant_array(self.cfg.quant, p[name], p[name + "_scale"], p.get(name + "_offset"))
             y = quant_matmul(x.reshape(*lead, -1), q, impl=self.cfg.matmul_impl)
@@ -250,5 +250,6 @@ class Transformer(nnx.Module):
         if self.lm_head_scale is not None:
             q = self._quant_array(self.cfg.quant_lm_head, self.lm_head[...], self.lm_head_scale[...])
             return quant_matmul(hidden, q, impl=self.cfg.matmul_impl).astype(jnp.float32)
-        w = self.embed[...].T if self.lm_head is None else self.lm_head[...]
-        return jnp.einsum("...d,dv->...v", hidden, w, preferred_element_type=jnp.float32)
+        if self.lm_head is None:  # tied: XLA's dot reads embed [V, D] as is (the kernel would need embed.T copied)
+            return jnp.einsum("...d,vd->...v", hidden, self.embed[...], preferred_element_type=jnp.float32)
+        return float_matmul(hidden, self.lm_head[...], impl=self.cfg.float_matmul, preferred_element_type=jnp.float32)

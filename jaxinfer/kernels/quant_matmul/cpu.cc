@@ -1,19 +1,21 @@
-// x @ W for quantized W on the CPU, as XLA FFI custom calls (see cpu.py, which builds this file
-// with the machine's C++ compiler on first use; reference.py is the specification).
+// x @ W on the CPU as XLA FFI custom calls, for quantized W (int8, int4) and float32 W (see cpu.py,
+// which builds this file with the machine's C++ compiler on first use; reference.py is the
+// specification).
 //
-// XLA's CPU backend has no matrix-vector product that reads int8 weights: its int8 dot is a scalar
-// loop at M = 1 and its fused convert-multiply-reduce costs ~0.2 ms a call (both measured by
+// XLA's CPU backend has no matrix-vector product that reads int8 weights: its int8 dot is a
+// scalar loop at M = 1 and its fused convert-multiply-reduce costs ~0.2 ms a call (both measured by
 // experiments/quant_gemv.py). These kernels stream each weight byte once per call. Rows of W are
 // contiguous in memory, so a task walks whole rows (or blocks of NB columns of wider ones): the K
 // axis is cut into ranges, one task per (range, column block), shared out to XLA's intra-op
-// threads, each writing partial sums the caller adds. A task widens four rows of int8 (or one
-// packed int4 row: two k) to float32 and accumulates them for up to MT rows of x; larger M makes
-// more passes.
-// AVX2 + FMA where the compiler targets them (-march=native), else plain loops.
+// threads, each writing partial sums the caller adds. A task loads four rows of W at a time
+// (widening int8 / int4 to float32) and each loaded vector serves up to MT rows of x; larger M
+// makes more passes. For float32 W the same loops beat XLA's dot at a few rows of x, where XLA
+// reads W once per row.
+// AVX-512 or AVX2 + FMA where the compiler targets them (-march), else plain loops.
 //
 // Layouts are reference.py's: int8 values [K, N] with scales [1, N]; int4 values [K/2, N] (even k
 // in the low nibble, odd k in the high; signed, or unsigned with offsets), scales and offsets
-// [K/group, N].
+// [K/group, N]; float32 W [K, N].
 
 #include <algorithm>
 #include <atomic>
@@ -24,7 +26,7 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX2__)
+#if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -73,93 +75,146 @@ struct Plan {
   }
 };
 
-#if defined(__AVX2__) && defined(__FMA__)
-static inline __m256 widen8(const int8_t* p) {
+// The vector layer: 16 lanes with AVX-512, 8 with AVX2 + FMA, else none (plain loops only).
+#if defined(__AVX512F__)
+#define VW 16
+using vf = __m512;
+using vi = __m512i;
+static inline vf vload(const float* p) { return _mm512_loadu_ps(p); }
+static inline void vstore(float* p, vf v) { _mm512_storeu_ps(p, v); }
+static inline vf vset1(float x) { return _mm512_set1_ps(x); }
+static inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+static inline vf vs8(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+static inline vi vu8(const uint8_t* p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+static inline vf vcvt(vi v) { return _mm512_cvtepi32_ps(v); }
+static inline vi vsll(vi v, int n) { return _mm512_slli_epi32(v, n); }
+static inline vi vsra(vi v, int n) { return _mm512_srai_epi32(v, n); }
+static inline vi vsrl(vi v, int n) { return _mm512_srli_epi32(v, n); }
+static inline vi vand15(vi v) { return _mm512_and_si512(v, _mm512_set1_epi32(15)); }
+#elif defined(__AVX2__) && defined(__FMA__)
+#define VW 8
+using vf = __m256;
+using vi = __m256i;
+static inline vf vload(const float* p) { return _mm256_loadu_ps(p); }
+static inline void vstore(float* p, vf v) { _mm256_storeu_ps(p, v); }
+static inline vf vset1(float x) { return _mm256_set1_ps(x); }
+static inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+static inline vf vs8(const int8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
+static inline vi vu8(const uint8_t* p) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))); }
+static inline vf vcvt(vi v) { return _mm256_cvtepi32_ps(v); }
+static inline vi vsll(vi v, int n) { return _mm256_slli_epi32(v, n); }
+static inline vi vsra(vi v, int n) { return _mm256_srai_epi32(v, n); }
+static inline vi vsrl(vi v, int n) { return _mm256_srli_epi32(v, n); }
+static inline vi vand15(vi v) { return _mm256_and_si256(v, _mm256_set1_epi32(15)); }
+#else
+#define VW 0
 #endif
 
-// a[j] += x0 * r0[j] + x1 * r1[j] + x2 * r2[j] + x3 * r3[j], j < nb.
-static inline void axpy4(float* __restrict__ a, const int8_t* __restrict__ r0, const int8_t* __restrict__ r1,
-                         const int8_t* __restrict__ r2, const int8_t* __restrict__ r3, float x0, float x1, float x2,
-                         float x3, int64_t nb) {
-  int64_t j = 0;
-#if defined(__AVX2__) && defined(__FMA__)
-  const __m256 v0 = _mm256_set1_ps(x0), v1 = _mm256_set1_ps(x1), v2 = _mm256_set1_ps(x2), v3 = _mm256_set1_ps(x3);
-  for (; j + 8 <= nb; j += 8) {
-    __m256 acc = _mm256_loadu_ps(a + j);
-    acc = _mm256_fmadd_ps(v0, widen8(r0 + j), acc);
-    acc = _mm256_fmadd_ps(v1, widen8(r1 + j), acc);
-    acc = _mm256_fmadd_ps(v2, widen8(r2 + j), acc);
-    acc = _mm256_fmadd_ps(v3, widen8(r3 + j), acc);
-    _mm256_storeu_ps(a + j, acc);
+// Four k-rows of W at columns [j, j + VW) (or one column j) as float32: the loaders.
+struct F32Rows {
+  const float* r[4];
+#if VW
+  void load(int64_t j, vf* w) const { for (int u = 0; u < 4; ++u) w[u] = vload(r[u] + j); }
+#endif
+  void load1(int64_t j, float* w) const { for (int u = 0; u < 4; ++u) w[u] = r[u][j]; }
+};
+struct S8Rows {
+  const int8_t* r[4];
+#if VW
+  void load(int64_t j, vf* w) const { for (int u = 0; u < 4; ++u) w[u] = vs8(r[u] + j); }
+#endif
+  void load1(int64_t j, float* w) const { for (int u = 0; u < 4; ++u) w[u] = static_cast<float>(r[u][j]); }
+};
+template <bool kSigned>  // two packed rows: k, k + 1 from r[0]'s low and high nibbles, k + 2, k + 3 from r[1]'s
+struct U4Rows {
+  const uint8_t* r[2];
+#if VW
+  void load(int64_t j, vf* w) const {
+    for (int u = 0; u < 2; ++u) {
+      const vi v = vu8(r[u] + j);
+      w[2 * u] = vcvt(kSigned ? vsra(vsll(v, 28), 28) : vand15(v));
+      w[2 * u + 1] = vcvt(kSigned ? vsra(vsll(v, 24), 28) : vsrl(v, 4));
+    }
   }
 #endif
-  for (; j < nb; ++j)
-    a[j] += x0 * static_cast<float>(r0[j]) + x1 * static_cast<float>(r1[j]) + x2 * static_cast<float>(r2[j]) +
-            x3 * static_cast<float>(r3[j]);
-}
+  void load1(int64_t j, float* w) const {
+    for (int u = 0; u < 2; ++u) {
+      const uint8_t v = r[u][j];
+      w[2 * u] = kSigned ? static_cast<float>(static_cast<int8_t>(v << 4) >> 4) : static_cast<float>(v & 15);
+      w[2 * u + 1] = kSigned ? static_cast<float>(static_cast<int8_t>(v) >> 4) : static_cast<float>(v >> 4);
+    }
+  }
+};
 
-// acc[m][j] += sum over k in [k0, k1) of x[m, k] * w[k, n0 + j], j < nb, four rows of W at a time.
-template <int64_t kMt>
-inline void int8_rows(const float* x, int64_t K, const int8_t* w, int64_t N, int64_t n0, int64_t nb,
-                      int64_t k0, int64_t k1, float* const* acc) {
-  static const int8_t zeros[NB] = {};
-  for (int64_t k = k0; k < k1; k += 4) {
-    const int64_t ku = std::min<int64_t>(4, k1 - k);
-    const int8_t* r[4];
-    for (int64_t u = 0; u < 4; ++u) r[u] = u < ku ? w + (k + u) * N + n0 : zeros;
+// acc[m][j] += sum_u xs[m][u] * w_u[j] for m < kMt, j < nb: each loaded (widened) vector of W
+// serves all kMt rows of x, so W is read and converted once per pass.
+template <int64_t kMt, typename Rows>
+static inline void accumulate4(float* const* acc, const float (*xs)[4], const Rows& rows, int64_t nb) {
+  int64_t j = 0;
+#if VW
+  vf xv[kMt][4];
+  for (int64_t m = 0; m < kMt; ++m)
+    for (int u = 0; u < 4; ++u) xv[m][u] = vset1(xs[m][u]);
+  for (; j + VW <= nb; j += VW) {
+    vf w[4];
+    rows.load(j, w);
     for (int64_t m = 0; m < kMt; ++m) {
-      const float* xm = x + m * K + k;
-      axpy4(acc[m], r[0], r[1], r[2], r[3], xm[0], ku > 1 ? xm[1] : 0.f, ku > 2 ? xm[2] : 0.f,
-            ku > 3 ? xm[3] : 0.f, nb);
+      vf a = vload(acc[m] + j);
+      a = vfma(xv[m][0], w[0], a);
+      a = vfma(xv[m][1], w[1], a);
+      a = vfma(xv[m][2], w[2], a);
+      a = vfma(xv[m][3], w[3], a);
+      vstore(acc[m] + j, a);
     }
-  }
-}
-
-// int4: per group, the even-k and odd-k halves accumulate from the low and high nibbles; then the
-// group's scale (and offset x the group's sum of x) folds into acc.
-// p[j] += xe * low(r[j]) + xo * high(r[j]), j < nb; nibbles signed or unsigned.
-template <bool kSigned>
-static inline void axpy_nibbles(float* __restrict__ p, const uint8_t* __restrict__ r, float xe, float xo, int64_t nb) {
-  int64_t j = 0;
-#if defined(__AVX2__) && defined(__FMA__)
-  const __m256 ve = _mm256_set1_ps(xe), vo = _mm256_set1_ps(xo);
-  for (; j + 8 <= nb; j += 8) {
-    const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(r + j)));
-    __m256i lo, hi;
-    if (kSigned) {
-      lo = _mm256_srai_epi32(_mm256_slli_epi32(v, 28), 28);
-      hi = _mm256_srai_epi32(_mm256_slli_epi32(v, 24), 28);
-    } else {
-      lo = _mm256_and_si256(v, _mm256_set1_epi32(15));
-      hi = _mm256_srli_epi32(v, 4);
-    }
-    __m256 acc = _mm256_loadu_ps(p + j);
-    acc = _mm256_fmadd_ps(ve, _mm256_cvtepi32_ps(lo), acc);
-    acc = _mm256_fmadd_ps(vo, _mm256_cvtepi32_ps(hi), acc);
-    _mm256_storeu_ps(p + j, acc);
   }
 #endif
   for (; j < nb; ++j) {
-    const uint8_t v = r[j];
-    const float lo = kSigned ? static_cast<float>(static_cast<int8_t>(v << 4) >> 4) : static_cast<float>(v & 15);
-    const float hi = kSigned ? static_cast<float>(static_cast<int8_t>(v) >> 4) : static_cast<float>(v >> 4);
-    p[j] += xe * lo + xo * hi;
+    float w[4];
+    rows.load1(j, w);
+    for (int64_t m = 0; m < kMt; ++m) acc[m][j] += xs[m][0] * w[0] + xs[m][1] * w[1] + xs[m][2] * w[2] + xs[m][3] * w[3];
   }
 }
 
-// int4: per group, the even-k and odd-k halves accumulate from the low and high nibbles into
-// part; then the group's scale (and offset x the group's sum of x) folds into acc.
+// acc[m][j] += sum over k in [k0, k1) of x[m, k] * w[k, n0 + j], j < nb, four rows of W at a
+// time (float32 or int8 W; a missing fourth row reads zeros against x = 0).
+template <int64_t kMt, typename T, typename Rows>
+inline void dense_rows(const float* x, int64_t K, const T* w, int64_t N, int64_t n0, int64_t nb, int64_t k0,
+                       int64_t k1, float* const* acc) {
+  static const T zeros[NB] = {};
+  for (int64_t k = k0; k < k1; k += 4) {
+    const int64_t ku = std::min<int64_t>(4, k1 - k);
+    Rows rows;
+    float xs[kMt][4];
+    for (int64_t u = 0; u < 4; ++u) {
+      rows.r[u] = u < ku ? w + (k + u) * N + n0 : zeros;
+      for (int64_t m = 0; m < kMt; ++m) xs[m][u] = u < ku ? x[m * K + k + u] : 0.f;
+    }
+    accumulate4<kMt>(acc, xs, rows, nb);
+  }
+}
+
+// int4: per group, the group's packed rows accumulate into part; then the group's scale (and
+// offset x the group's sum of x) folds into acc.
 template <bool kSigned, int64_t kMt>
 void int4_rows(const float* x, int64_t K, const uint8_t* w, int64_t N, const float* scales,
                const float* offsets, int64_t group, int64_t n0, int64_t nb, int64_t k0, int64_t k1,
                float* const* acc, float* const* part) {
+  static const uint8_t zeros[NB] = {};
   for (int64_t g0 = k0; g0 < k1; g0 += group) {
     for (int64_t m = 0; m < kMt; ++m) std::memset(part[m], 0, nb * sizeof(float));
-    for (int64_t kk = g0 / 2; kk < (g0 + group) / 2; ++kk)
+    const int64_t end = (g0 + group) / 2;  // packed rows of this group: [g0 / 2, end)
+    for (int64_t kk = g0 / 2; kk < end; kk += 2) {
+      const bool two = kk + 1 < end;
+      U4Rows<kSigned> rows{{w + kk * N + n0, two ? w + (kk + 1) * N + n0 : zeros}};
+      float xs[kMt][4];
       for (int64_t m = 0; m < kMt; ++m)
-        axpy_nibbles<kSigned>(part[m], w + kk * N + n0, x[m * K + 2 * kk], x[m * K + 2 * kk + 1], nb);
+        for (int64_t u = 0; u < 4; ++u) xs[m][u] = u < 2 || two ? x[m * K + 2 * kk + u] : 0.f;
+      accumulate4<kMt>(part, xs, rows, nb);
+    }
     const float* s = scales + (g0 / group) * N + n0;
     for (int64_t m = 0; m < kMt; ++m) {
       float* __restrict__ a = acc[m];
@@ -186,6 +241,16 @@ inline void by_rows(int64_t mt, F f) {  // f(std::integral_constant<int64_t, mt>
   }
 }
 
+// This thread's scratch buffer `which` (0: the caller's partial sums, 1: a task's accumulators),
+// at least n floats, kept from call to call: a fresh allocation per call maps fresh pages, and
+// the kernel zeroing them cost more than the matmul (perf: clear_page at M = 4).
+static float* buffer(int which, int64_t n) {
+  thread_local std::vector<float> buffers[2];
+  std::vector<float>& b = buffers[which];
+  if (static_cast<int64_t>(b.size()) < n) b.resize(n);
+  return b.data();
+}
+
 // Shared driver: rows(kMt, x_tile, k0, k1, n0, nb, acc, part) accumulates one tile; the summed
 // result is then multiplied by col_scale if given (int8: the channel scale; int4 applies its
 // scales per group inside rows and passes none).
@@ -193,19 +258,19 @@ template <typename Rows>
 void drive(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K, int64_t N, int64_t unit,
            const float* col_scale, float* out, Rows rows) {
   const Plan plan(K, N, unit, pool.num_threads());
-  std::vector<float> partial(plan.splits > 1 ? plan.splits * M * N : 0);
-  float* dst = plan.splits > 1 ? partial.data() : out;
+  float* dst = plan.splits > 1 ? buffer(0, plan.splits * M * N) : out;
+  const float* partial = dst;
   parallel_tasks(pool, plan.splits * plan.blocks, [=, &plan](int64_t t) {
     const int64_t split = t / plan.blocks, b = t % plan.blocks;
     const int64_t n0 = b * NB, nb = std::min(NB, N - n0);
     const int64_t k0 = split * plan.unit_rows, k1 = std::min(K, k0 + plan.unit_rows);
     float* d = dst + split * M * N;
-    std::vector<float> scratch(2 * MT * nb);  // accumulators, and int4's per-group partial sums
+    float* scratch = buffer(1, 2 * MT * nb);  // accumulators, and int4's per-group partial sums
     float *acc[MT], *part[MT];
-    for (int64_t m = 0; m < MT; ++m) acc[m] = scratch.data() + m * nb, part[m] = acc[m] + MT * nb;
+    for (int64_t m = 0; m < MT; ++m) acc[m] = scratch + m * nb, part[m] = acc[m] + MT * nb;
     for (int64_t m0 = 0; m0 < M; m0 += MT) {
       const int64_t mt = std::min(MT, M - m0);
-      std::fill(scratch.begin(), scratch.begin() + MT * nb, 0.f);
+      std::fill(scratch, scratch + MT * nb, 0.f);
       by_rows(mt, [&](auto kMt) { rows(kMt, x + m0 * K, k0, k1, n0, nb, acc, part); });
       for (int64_t m = 0; m < mt; ++m) std::memcpy(d + (m0 + m) * N + n0, acc[m], nb * sizeof(float));
     }
@@ -229,7 +294,19 @@ ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   drive(pool, x.typed_data(), M, K, N, std::min<int64_t>(K, 64), scales.typed_data(), out->typed_data(),
         [=](auto kMt, const float* xt, int64_t k0, int64_t k1, int64_t n0, int64_t nb, float* const* acc,
             float* const*) {
-          int8_rows<decltype(kMt)::value>(xt, K, wp, N, n0, nb, k0, k1, acc);
+          dense_rows<decltype(kMt)::value, int8_t, S8Rows>(xt, K, wp, N, n0, nb, k0, k1, acc);
+        });
+  return ffi::Error::Success();
+}
+
+ffi::Error F32Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                     ffi::ResultBuffer<ffi::F32> out) {
+  const int64_t M = x.dimensions()[0], K = x.dimensions()[1], N = w.dimensions()[1];
+  const float* wp = w.typed_data();
+  drive(pool, x.typed_data(), M, K, N, std::min<int64_t>(K, 64), nullptr, out->typed_data(),
+        [=](auto kMt, const float* xt, int64_t k0, int64_t k1, int64_t n0, int64_t nb, float* const* acc,
+            float* const*) {
+          dense_rows<decltype(kMt)::value, float, F32Rows>(xt, K, wp, N, n0, nb, k0, k1, acc);
         });
   return ffi::Error::Success();
 }
@@ -268,6 +345,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferInt8Matmul, Int8Matmul,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferF32Matmul, F32Matmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 

@@ -1,5 +1,6 @@
-"""`x @ W` for quantized W on the CPU: XLA FFI custom calls (cpu.cc) that read the int8 / packed int4
-bytes every call and never build a float copy of the weight; `reference.py` is the specification.
+"""`x @ W` on the CPU: XLA FFI custom calls (cpu.cc) that read the int8 / packed int4 bytes every
+call and never build a float copy of the weight (`reference.py` is the specification), and the
+same loops over float32 W (`float_matmul`: each weight vector read once for every row of x).
 
 Why a custom call: XLA's CPU backend has no fast path for it. Its int8 x int8 -> int32 dot is a
 scalar loop at M = 1, every library fusion (XNNPACK, YNNPACK, oneDNN) packs the weight on each call
@@ -7,8 +8,8 @@ or rejects M = 1, and the fused convert-multiply-reduce pays ~0.2 ms a call; the
 dequantizes every weight every step (`experiments/quant_gemv.py` measures each of these).
 
 cpu.cc is built on first use with the machine's C++ compiler (`CXX`, else c++ / g++ / clang++),
-`-O3 -march=native`, against the XLA FFI headers that jaxlib ships, into a cache folder keyed by
-the source, the flags, the compiler and jaxlib (`JAXINFER_KERNEL_CACHE`, default
+`-O3 -march=native` (`JAXINFER_KERNEL_ARCH` overrides native), against the XLA FFI headers that
+jaxlib ships, into a cache folder keyed by the source, the flags, the compiler and jaxlib (`JAXINFER_KERNEL_CACHE`, default
 ~/.cache/jaxinfer/kernels). With no compiler, `unsupported` says so and `auto` keeps the reference.
 """
 
@@ -30,8 +31,10 @@ import numpy as np
 from jaxinfer.kernels.quant_matmul.reference import QuantArray, check_features
 
 SOURCE = Path(__file__).with_name("cpu.cc")
-FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
-TARGETS = {"int8": "JaxinferInt8Matmul", "int4": "JaxinferInt4Matmul", "int4_asym": "JaxinferInt4AsymMatmul"}
+# JAXINFER_KERNEL_ARCH picks the -march target (default native: AVX-512 or AVX2 + FMA where the CPU
+# has them); the tests build x86-64-v3 (AVX2) and x86-64 (plain loops) too, so every path is run.
+FLAGS = ("-O3", f"-march={os.environ.get('JAXINFER_KERNEL_ARCH', 'native')}", "-std=c++17", "-shared", "-fPIC")
+TARGETS = {"f32": "JaxinferF32Matmul", "int8": "JaxinferInt8Matmul", "int4": "JaxinferInt4Matmul", "int4_asym": "JaxinferInt4AsymMatmul"}
 
 
 def compiler() -> str | None:
@@ -97,6 +100,14 @@ def unsupported(x, q: QuantArray) -> str | None:
     return _build_error()
 
 
+def float_unsupported(x, w) -> str | None:
+    if sys.platform == "win32":
+        return "the CPU kernel is built for Linux and macOS"
+    if x.dtype != jnp.float32 or w.dtype != jnp.float32:
+        return f"activations and weights must be float32, got {x.dtype} and {w.dtype}"
+    return _build_error()
+
+
 def quant_matmul(x, q: QuantArray):
     """x [..., K] float32 @ W -> [..., N] float32."""
     check_features(x, q)
@@ -111,4 +122,14 @@ def quant_matmul(x, q: QuantArray):
     else:
         y = jax.ffi.ffi_call(TARGETS["int4_asym"], out)(x2, q.values, q.scales, q.offsets,
                                                           group=np.int64(q.group_size))
+    return y.reshape(*x.shape[:-1], n)
+
+
+def float_matmul(x, w):
+    """x [..., K] float32 @ w [K, N] float32 -> [..., N] through the same streaming loops (the
+    float half of `matmul_impl: cpu`, for a few rows of x: see models.llama._linear)."""
+    register()
+    k, n = w.shape
+    x2 = x.reshape(-1, k)
+    y = jax.ffi.ffi_call(TARGETS["f32"], jax.ShapeDtypeStruct((x2.shape[0], n), jnp.float32))(x2, w)
     return y.reshape(*x.shape[:-1], n)
