@@ -115,7 +115,7 @@ def test_float_matmul_auto_takes_the_kernel_for_a_few_float32_rows_only():
 
 @pytest.mark.skipif(__import__("platform").machine() != "x86_64", reason="x86-64 instruction-set levels")
 @pytest.mark.parametrize("arch", ["x86-64-v3", "x86-64"])
-def test_cpu_kernel_paths_for_other_instruction_sets(arch, tmp_path):
+def test_cpu_kernel_paths_for_other_instruction_sets(arch):
     """The AVX2 + FMA path and the plain loops (what an AVX2-only or other CPU builds), built with
     JAXINFER_KERNEL_ARCH in a fresh process, against the reference and XLA's dot."""
     import os

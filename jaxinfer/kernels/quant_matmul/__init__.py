@@ -4,6 +4,8 @@ impl names)."""
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -36,7 +38,7 @@ def float_matmul(x, w, *, impl: str = "auto", preferred_element_type=None):
     most FLOAT_ROWS rows of x when it builds, else XLA's dot (with `preferred_element_type`)."""
     if impl not in FLOAT_IMPLS:
         raise ValueError(f"model.float_matmul '{impl}' is not available; choose from {', '.join(FLOAT_IMPLS)}")
-    rows = x.size // x.shape[-1] if x.shape[-1] else 0
+    rows = math.prod(x.shape[:-1])
     if impl == "cpu" or (impl == "auto" and jax.default_backend() == "cpu" and rows <= FLOAT_ROWS):
         why = cpu.float_unsupported(x, w)
         if why is None:

@@ -287,27 +287,26 @@ void drive(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K, int64_t 
       for (int64_t n = 0; n < N; ++n) out[m * N + n] *= col_scale[n];
 }
 
+// int8 and float32 W: four rows of W at a time (Rows loads and widens them), then int8's channel
+// scales (col_scale; none for float32).
+template <typename Rows, typename T>
+void dense_matmul(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& x, const T* wp, int64_t N, const float* col_scale,
+                  ffi::ResultBuffer<ffi::F32>& out) {
+  const int64_t M = x.dimensions()[0], K = x.dimensions()[1];
+  drive(pool, x.typed_data(), M, K, N, std::min<int64_t>(K, 64), col_scale, out->typed_data(),
+        [=](auto kMt, const float* xt, int64_t k0, int64_t k1, int64_t n0, int64_t nb, float* const* acc,
+            float* const*) { dense_rows<decltype(kMt)::value, T, Rows>(xt, K, wp, N, n0, nb, k0, k1, acc); });
+}
+
 ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
                       ffi::Buffer<ffi::F32> scales, ffi::ResultBuffer<ffi::F32> out) {
-  const int64_t M = x.dimensions()[0], K = x.dimensions()[1], N = w.dimensions()[1];
-  const int8_t* wp = w.typed_data();
-  drive(pool, x.typed_data(), M, K, N, std::min<int64_t>(K, 64), scales.typed_data(), out->typed_data(),
-        [=](auto kMt, const float* xt, int64_t k0, int64_t k1, int64_t n0, int64_t nb, float* const* acc,
-            float* const*) {
-          dense_rows<decltype(kMt)::value, int8_t, S8Rows>(xt, K, wp, N, n0, nb, k0, k1, acc);
-        });
+  dense_matmul<S8Rows>(pool, x, w.typed_data(), w.dimensions()[1], scales.typed_data(), out);
   return ffi::Error::Success();
 }
 
 ffi::Error F32Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                      ffi::ResultBuffer<ffi::F32> out) {
-  const int64_t M = x.dimensions()[0], K = x.dimensions()[1], N = w.dimensions()[1];
-  const float* wp = w.typed_data();
-  drive(pool, x.typed_data(), M, K, N, std::min<int64_t>(K, 64), nullptr, out->typed_data(),
-        [=](auto kMt, const float* xt, int64_t k0, int64_t k1, int64_t n0, int64_t nb, float* const* acc,
-            float* const*) {
-          dense_rows<decltype(kMt)::value, float, F32Rows>(xt, K, wp, N, n0, nb, k0, k1, acc);
-        });
+  dense_matmul<F32Rows>(pool, x, w.typed_data(), w.dimensions()[1], nullptr, out);
   return ffi::Error::Success();
 }
 

@@ -9,8 +9,8 @@ dequantizes every weight every step (`experiments/quant_gemv.py` measures each o
 
 cpu.cc is built on first use with the machine's C++ compiler (`CXX`, else c++ / g++ / clang++),
 `-O3 -march=native` (`JAXINFER_KERNEL_ARCH` overrides native), against the XLA FFI headers that
-jaxlib ships, into a cache folder keyed by the source, the flags, the compiler and jaxlib (`JAXINFER_KERNEL_CACHE`, default
-~/.cache/jaxinfer/kernels). With no compiler, `unsupported` says so and `auto` keeps the reference.
+jaxlib ships, into a cache folder keyed by the source, the flags, the compiler and jaxlib
+(`JAXINFER_KERNEL_CACHE`, default ~/.cache/jaxinfer/kernels). With no compiler, `unsupported` says so and `auto` keeps the reference.
 """
 
 from __future__ import annotations
@@ -92,20 +92,20 @@ def _build_error() -> str | None:
     return None
 
 
-def unsupported(x, q: QuantArray) -> str | None:
+def _unsupported(dtype_error: str | None) -> str | None:
+    """Why the kernel cannot run here: the platform, the dtypes, then the build."""
     if sys.platform == "win32":
         return "the CPU kernel is built for Linux and macOS"
-    if x.dtype != jnp.float32:
-        return f"activations must be float32, got {x.dtype}"
-    return _build_error()
+    return dtype_error or _build_error()
+
+
+def unsupported(x, q: QuantArray) -> str | None:
+    return _unsupported(None if x.dtype == jnp.float32 else f"activations must be float32, got {x.dtype}")
 
 
 def float_unsupported(x, w) -> str | None:
-    if sys.platform == "win32":
-        return "the CPU kernel is built for Linux and macOS"
-    if x.dtype != jnp.float32 or w.dtype != jnp.float32:
-        return f"activations and weights must be float32, got {x.dtype} and {w.dtype}"
-    return _build_error()
+    ok = x.dtype == jnp.float32 and w.dtype == jnp.float32
+    return _unsupported(None if ok else f"activations and weights must be float32, got {x.dtype} and {w.dtype}")
 
 
 def quant_matmul(x, q: QuantArray):
@@ -126,8 +126,8 @@ def quant_matmul(x, q: QuantArray):
 
 
 def float_matmul(x, w):
-    """x [..., K] float32 @ w [K, N] float32 -> [..., N] through the same streaming loops (the
-    float half of `matmul_impl: cpu`, for a few rows of x: see models.llama._linear)."""
+    """x [..., K] float32 @ w [K, N] float32 -> [..., N] through the same streaming loops
+    (`model.float_matmul`; the dispatcher is quant_matmul.float_matmul)."""
     register()
     k, n = w.shape
     x2 = x.reshape(-1, k)
