@@ -73,6 +73,8 @@ def test_smoke_and_command_line_overrides(tmp_path):
     ({"kind": "decode", "repeat": 3}, {}, r"unknown key 'experiment.repeat'.*did you mean 'experiment.repeats'"),
     ({"kind": "decode"}, {"engine": {"page_size": 0}}, r"engine.page_size=0: must be >= 1"),
     ({"kind": "decode", "sweep": {"bench.num_requests": [1, 1]}}, {}, r"two runs share the folder name"),
+    ({"kind": "decode", "peers": ["openvnio"]}, {}, r"'openvnio' is not a peer.*did you mean 'openvino'"),
+    ({"kind": "serve", "peers": ["llama.cpp"]}, {}, r"only the decode kind times peers, not serve"),
 ])
 def test_bad_experiments_are_refused_before_anything_runs(tmp_path, experiment, sections, match):
     with pytest.raises(ConfigError, match=match):
@@ -86,6 +88,18 @@ def test_bad_input_is_one_line_from_the_command(tmp_path, capsys):
     assert not (tmp_path / "r").exists()
     assert main(["run", str(tmp_path / "missing.yaml")]) == 2
     assert main(["report", str(tmp_path)]) == 2 and "holds no experiment.json" in capsys.readouterr().err
+
+
+def test_peers_without_their_environment_or_in_bfloat16_are_one_line(tmp_path, capsys):
+    missing = tmp_path / "nowhere" / "python"
+    path = write(tmp_path, tiny_decode(peers=["openvino"], peer_python=str(missing)))
+    assert main(["run", str(path), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(missing) in err and "setup_peers.sh" in err
+    path = write(tmp_path, tiny_decode(peers=["openvino"], peer_python=__import__("sys").executable),
+                 model=TINY | {"dtype": "bfloat16"})
+    assert main(["run", str(path), "--out", str(tmp_path / "r2")]) == 2
+    assert "model.dtype=bfloat16" in capsys.readouterr().err
 
 
 def test_results_folder_resumes_and_refuses_other_experiments(tmp_path, monkeypatch):

@@ -112,6 +112,7 @@ def _decode_speed(model, cfg: RunConfig, ctx: Context) -> dict:
     row = {"batch": batch, "tok_s": num_decoded / decode_s, "prefill_ms": 1e3 * statistics.median(t.prefill_s for t in timings),
            "step_ms": 1e3 * decode_s / max(len(steps), 1), "compile_s": first.timing.compile_s,
            "tok_s_repeats": [t.num_decoded / t.decode_s for t in timings]}
+    ctx.cache["greedy_tokens"] = list(first.tokens[0])  # what a peer's first row is compared with
     return perf(row, model, cfg, ctx, steps, decode_s, num_decoded)
 
 
@@ -145,7 +146,12 @@ def _engine_decode_speed(model, tok, cfg: RunConfig, ctx: Context) -> dict:
 
 
 def decode(run, ctx: Context):
+    """Each of experiment.decoders, then each of experiment.peers (other engines on the same
+    weights; their first row's greedy tokens are compared with the generator's when it ran)."""
+    from jaxinfer.experiment import peers
+
     model, tok, label = ctx.model(run.cfg)
+    ctx.cache.pop("greedy_tokens", None)
     rows = []
     for decoder in ctx.spec.decoders:
         if decoder == "generator":
@@ -153,6 +159,14 @@ def decode(run, ctx: Context):
         else:
             row = _engine_decode_speed(model, tok, run.cfg, ctx)
         rows.append(row | {"model": label, "decoder": decoder})
+    for peer in ctx.spec.peers:
+        # No bound column: a peer's weights are in its own format (q8_0 and q4_0 carry a scale per
+        # 32 weights), so jaxinfer's byte count is not theirs.
+        row = peers.measure(peer, run.cfg, ctx, ctx.cache.get("greedy_tokens"))
+        if row is None:
+            print(f"{run.run_id}: peer {peer} has no {peers.precision(run.cfg)} path; not measured")
+            continue
+        rows.append(row | {"batch": run.cfg.bench.num_requests, "model": label, "decoder": peer})
     return rows, []
 
 

@@ -121,6 +121,12 @@ def run_experiment(exp: Experiment, out: str | Path, fresh: bool = False, progre
 
     out = Path(out)
     todo = check_folder(out, exp, fresh)
+    if exp.spec.peers:  # the peers' environment and precisions, before anything runs
+        from jaxinfer.experiment import peers
+
+        peers.peer_python(exp.spec)
+        for run in todo:
+            peers.precision(run.cfg)
     prices = load_prices(exp.spec)
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / RECORD, exp.record() | {"file": exp.path, "runs": [r.run_id for r in exp.runs]})

@@ -61,6 +61,11 @@ class ExperimentSpec:
     # decode: what decodes: generator (dense cache, one compiled loop) and/or engine (paged cache,
     # host scheduler, one compiled step per token); each gives a row labelled `decoder`
     decoders: tuple[str, ...] = ("generator",)
+    # decode: other engines timed on the same weights and workload, each a row labelled `decoder`
+    # (transformers, openvino, llama.cpp; jaxinfer/experiment/peers.py), run in their own Python
+    # environment: peer_python, else $JAXINFER_PEER_PYTHON, else .peers/ (experiments/setup_peers.sh)
+    peers: tuple[str, ...] = ()
+    peer_python: str = ""
     # quality: held-out stories (the validation split of the reference corpus) and window length
     eval_stories: int = 100
     eval_len: int = 128
@@ -86,6 +91,15 @@ class ExperimentSpec:
         for d in self.decoders:
             if d not in ("generator", "engine"):
                 raise ValueError(f"experiment.decoders: '{d}' is not a decoder; use generator and/or engine")
+        from jaxinfer.experiment.peers import PEERS
+
+        for p in self.peers:
+            if p not in PEERS:
+                close = difflib.get_close_matches(p, PEERS, n=1)
+                raise ValueError(f"experiment.peers: '{p}' is not a peer; choose from {', '.join(PEERS)}"
+                                 + (f" (did you mean '{close[0]}'?)" if close else ""))
+        if self.peers and self.kind != "decode":
+            raise ValueError(f"experiment.peers: only the decode kind times peers, not {self.kind}")
         lengths = {k: len(v) for k, v in self.zip.items()}
         if len(set(lengths.values())) > 1:
             raise ValueError(f"experiment.zip: lists of different lengths {lengths}; zip steps them together")
