@@ -14,13 +14,8 @@ import tempfile
 from pathlib import Path
 
 from jaxinfer.config import ConfigError, RunConfig
+from jaxinfer.experiment.spec import PRECISIONS
 
-PEERS = ("transformers", "openvino", "llama.cpp")
-# What each peer's rows mean by a precision (peer_bench.py): OpenVINO through optimum-intel's nncf
-# compression (int8 per output channel, int4 in groups of model.quant_group_size, symmetric, every
-# layer), llama.cpp's q8_0 and q4_0 (a float16 scale per 32 weights). transformers: float32 only.
-PRECISIONS = {"transformers": ("float32",), "openvino": ("float32", "int8", "int4"),
-              "llama.cpp": ("float32", "int8", "int4")}
 ROOT = Path(__file__).parents[2]
 SCRIPT = ROOT / "experiments" / "peer_bench.py"
 SETUP = "experiments/setup_peers.sh"

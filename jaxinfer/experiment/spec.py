@@ -21,6 +21,13 @@ import yaml
 
 from jaxinfer.config import ConfigError, RunConfig, _set_dotted, from_dict, to_dict
 
+PEERS = ("transformers", "openvino", "llama.cpp")
+# What each peer's rows mean by a precision (peer_bench.py): OpenVINO through optimum-intel's nncf
+# compression (int8 per output channel, int4 in groups of model.quant_group_size, symmetric, every
+# layer), llama.cpp's q8_0 and q4_0 (a float16 scale per 32 weights). transformers: float32 only.
+PRECISIONS = {"transformers": ("float32",), "openvino": ("float32", "int8", "int4"),
+              "llama.cpp": ("float32", "int8", "int4")}
+
 KINDS = ("decode", "serve", "quality", "speculative", "compile")
 
 
@@ -91,8 +98,6 @@ class ExperimentSpec:
         for d in self.decoders:
             if d not in ("generator", "engine"):
                 raise ValueError(f"experiment.decoders: '{d}' is not a decoder; use generator and/or engine")
-        from jaxinfer.experiment.peers import PEERS
-
         for p in self.peers:
             if p not in PEERS:
                 close = difflib.get_close_matches(p, PEERS, n=1)
