@@ -10,11 +10,13 @@ _HOME = {
     "load_model": "checkpoint", "save_converted": "checkpoint",
     "enable_compilation_cache": "compilation",
     "BenchConfig": "config", "DecodeConfig": "config", "EngineConfig": "config", "ModelConfig": "config",
-    "RunConfig": "config", "SamplingConfig": "config", "SpeculativeConfig": "config", "load_config": "config",
-    "Completion": "engine", "Engine": "engine", "EngineBusy": "engine",
+    "RunConfig": "config", "SamplingConfig": "config", "ServeConfig": "config", "SpeculativeConfig": "config",
+    "load_config": "config",
+    "Completion": "engine", "Engine": "engine", "EngineBusy": "engine", "Scored": "engine",
     "GenerationResult": "generate", "Generator": "generate",  # the function: jaxinfer.generate.generate
     "Model": "models", "init_model": "models",
     "UnknownRequest": "scheduler",
+    "perplexity": "scoring",
     "load_tokenizer": "tokenizer",
 }
 __all__ = sorted(_HOME)

@@ -94,14 +94,43 @@ def check_workload(cfg: RunConfig, model) -> None:
                          f"{context} (engine.max_model_len, capped by the model); shorten the workload")
 
 
-def bench(cfg: RunConfig, model, out: str | Path | None = None, draft=None) -> dict:
+def _bench_http(cfg: RunConfig, model, reqs, url: str, api_key, results: dict) -> dict | None:
+    """Mode "http" into `results`; -> the p50 latency differences from "continuous" (seconds), if it ran."""
+    from jaxinfer.serve.client import model_card, run_http
+
+    card = model_card(url, api_key)
+    if card.get("vocab_size", model.cfg.vocab_size) != model.cfg.vocab_size:
+        raise ValueError(f"bench --url: the server's model has {card['vocab_size']} tokens but the config's "
+                         f"{model.cfg.vocab_size}: give the server's config (--config) so both run one workload")
+    if cfg.bench.warmup:
+        t0 = time.perf_counter()
+        run_http(url, reqs, api_key, "http warmup")
+        warm = time.perf_counter() - t0
+    done = run_http(url, reqs, api_key)
+    errors = [d.error for d in done if d.error]
+    if errors:
+        print(f"bench --url: {len(errors)} of {len(done)} requests failed; the first: {errors[0]}")
+    results["http"] = summarize(done) | {"warmup_s": warm if cfg.bench.warmup else float("nan")}
+    if "continuous" not in results:
+        return None
+    return {f"{m.upper()} {'mean' if m == 'itl' else 'p50'}": results["http"][f"{m}_s"][stat] -
+            results["continuous"][f"{m}_s"][stat] for m, stat in (("ttft", "p50"), ("tpot", "p50"), ("itl", "mean"))}
+
+
+def bench(cfg: RunConfig, model, out: str | Path | None = None, draft=None, url: str | None = None,
+          api_key: str | None = None) -> dict:
     """Runs every mode of cfg.bench on the same workload; prints the table; writes JSON.
-    `draft`: the draft model when engine.speculative.method is draft (continuous mode uses it)."""
+    `draft`: the draft model when engine.speculative.method is draft (continuous mode uses it).
+    `url`: also send the workload to a `jaxinfer serve` there (mode "http", timed by the client),
+    and report its latency over the in-process continuous mode: the HTTP path's cost."""
     import jax
 
     check_workload(cfg, model)
     reqs = workload(cfg.bench, model.cfg.vocab_size)
     results, compile_s = {}, {}
+    if cfg.bench.warmup_shapes and "continuous" in cfg.bench.modes:
+        info = Engine(model, None, cfg.engine, draft=draft).warmup()  # compiled steps are shared by engines
+        print(f"warmup: {info['num_layouts']} step shapes in {info['compile_s']:.1f} s", flush=True)
     for mode in cfg.bench.modes:
         if cfg.bench.warmup:
             t0 = time.perf_counter()
@@ -112,8 +141,13 @@ def bench(cfg: RunConfig, model, out: str | Path | None = None, draft=None) -> d
         if b.slo_ttft_s or b.slo_tpot_s:
             results[mode] |= goodput(done, results[mode]["wall_s"], b.slo_ttft_s, b.slo_tpot_s)
         results[mode]["warmup_s"] = compile_s.get(mode, float("nan"))
+    overhead = None
+    if url:
+        overhead = _bench_http(cfg, model, reqs, url, api_key, results)
     print(format_table(results))
-    report = {"results": results, "config": to_dict(cfg), "env": {
+    if overhead:
+        print("HTTP over in-process (p50): " + ", ".join(f"{k} {v * 1e3:+.2f} ms" for k, v in overhead.items()))
+    report = {"results": results, "http_overhead_s": overhead, "config": to_dict(cfg), "env": {
         "jax": jax.__version__, "device": jax.devices()[0].device_kind, "num_devices": jax.device_count(),
         "python": platform.python_version(), "machine": platform.machine(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}}
     if out:

@@ -1,5 +1,5 @@
 """The `jaxinfer` command: `generate` (default model, or --model HF_DIR), `bench`, `run` and `report`
-(experiments), and `convert`.
+(experiments), `serve` (the OpenAI-compatible server), `score` (perplexity) and `convert`.
 
 Bad input is one line on stderr and exit code 2, never a traceback."""
 
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import time
 from pathlib import Path
@@ -123,7 +124,7 @@ def cmd_bench(args) -> int:
         label += f"; speculative {spec.method}, k={spec.num_speculative_tokens}" + (
             f" (draft {spec.draft_model})" if draft is not None else "")
     print(f"model: {label}\nworkload: {bench_cfg}", flush=True)
-    bench(cfg, model, out, draft)
+    bench(cfg, model, out, draft, url=args.url, api_key=args.api_key or os.environ.get("JAXINFER_API_KEY"))
     print(f"wrote {out}")
     return 0
 
@@ -192,6 +193,69 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def _model_id(cfg) -> str:
+    """The id clients send as `model`: serve.model_name, else the checkpoint folder's name."""
+    if cfg.serve.model_name:
+        return cfg.serve.model_name
+    return Path(cfg.checkpoint.removeprefix("package:")).name if cfg.checkpoint else cfg.model.name.split(" ")[0]
+
+
+def cmd_serve(args) -> int:
+    import socket
+
+    try:
+        import uvicorn
+
+        from jaxinfer.serve.app import create_app
+    except ImportError as e:
+        raise ValueError(f"jaxinfer serve needs the serve extra ({e.name} is missing): "
+                         "pip install 'jaxinfer[serve]'") from None
+    from jaxinfer.engine import Engine
+
+    cfg = _load(args)
+    serve = dataclasses.replace(cfg.serve, **{k: v for k, v in {"host": args.host, "port": args.port}.items()
+                                              if v is not None})
+    cfg = dataclasses.replace(cfg, serve=serve, checkpoint=args.model or cfg.checkpoint)
+    api_key = args.api_key or os.environ.get("JAXINFER_API_KEY") or None
+    sock = socket.socket(socket.AF_INET6 if ":" in serve.host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:  # bound before the model loads: a taken port fails now, and port 0 picks a free one
+        sock.bind((serve.host, serve.port))
+    except OSError as e:
+        raise ValueError(f"cannot listen on {serve.host}:{serve.port} ({e.strerror}); choose another --port") from None
+    engine = Engine.from_config(cfg)
+    if args.warmup:
+        info = engine.warmup()
+        print(f"warmup: {info['num_layouts']} step shapes in {info['compile_s']:.1f} s", flush=True)
+    model_id = _model_id(cfg)
+    app = create_app(engine, serve, model_id, api_key)
+    host, port = sock.getsockname()[:2]
+    print(f"serving '{model_id}' at http://{host}:{port}/v1" + (" (API key required)" if api_key else ""), flush=True)
+    config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5)
+    uvicorn.Server(config).run(sockets=[sock])
+    return 0
+
+
+def cmd_score(args) -> int:
+    from jaxinfer.engine import Engine
+    from jaxinfer.scoring import perplexity
+
+    cfg = _load(args)
+    cfg = dataclasses.replace(cfg, checkpoint=args.model or cfg.checkpoint)
+    data = Path(args.file).read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"'{args.file}': invalid UTF-8 at byte {e.start} ({e.reason}); save it as UTF-8") from None
+    engine = Engine.from_config(cfg)
+    result = perplexity(engine, text, window=args.window, stride=args.stride)
+    print(f"{args.file}: {result['num_scored']} tokens scored in {result['num_windows']} windows of up to "
+          f"{result['window']} tokens (stride {result['stride']})\n"
+          f"perplexity {result['perplexity']:.4f} | NLL {result['nll_per_token']:.4f} nats/token "
+          f"({result['bits_per_byte']:.4f} bits/byte)")
+    return 0
+
+
 def _sampling_flags(g) -> None:
     from jaxinfer.config import SamplingConfig
 
@@ -244,6 +308,9 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--output-len", type=int, metavar="N", help="output tokens, >= 1 (default: 128)")
     b.add_argument("--shared-prefix", type=int, metavar="N", help="tokens of a prefix shared by every prompt, >= 0 (default: 0)")
     b.add_argument("--rate", type=float, metavar="R", help="Poisson arrival rate in requests/s, >= 0; 0 = all at once (default: 0)")
+    b.add_argument("--url", help="also send the workload to a `jaxinfer serve` at this URL (e.g. http://127.0.0.1:8000; "
+                                 "run it with the same --config): an 'http' column and its latency over in-process")
+    b.add_argument("--api-key", help="with --url: the server's API key (default: $JAXINFER_API_KEY)")
     b.add_argument("--out", help="JSON path, checked for writing before the run (default: results/bench/<time>.json)")
     b.add_argument("overrides", **overrides)
     b.set_defaults(func=cmd_bench)
@@ -262,6 +329,29 @@ def parser() -> argparse.ArgumentParser:
     rp.add_argument("--readme", help="rewrite this file's <!-- report: FOLDER --> blocks from their summaries (default: none)")
     rp.add_argument("--check", action="store_true", help="with --readme: exit 1 if a block differs, write nothing")
     rp.set_defaults(func=cmd_report)
+    sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server over the engine (needs the serve extra)")
+    sv.add_argument("--config", help="a run YAML (model, engine, serve sections) (default: "
+                                     "jaxinfer/presets/default.yaml, the shipped reference model; none with --model)")
+    sv.add_argument("--model", help="a Hugging Face or converted checkpoint folder (default: the config's)")
+    sv.add_argument("--host", help="address to listen on (default: serve.host, 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=int, help="port, 0 = any free one (default: serve.port, 8000)")
+    sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (default: $JAXINFER_API_KEY, else none)")
+    sv.add_argument("--warmup", action="store_true", help="compile every step shape before serving, scoring ones "
+                                                          "(prompt/top logprobs) aside (default: each on first use)")
+    sv.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
+                    help="uvicorn's log level (default: warning)")
+    sv.add_argument("overrides", **overrides)
+    sv.set_defaults(func=cmd_serve)
+    sc = sub.add_parser("score", help="perplexity of a UTF-8 text file under the model (prompt logprobs)")
+    sc.add_argument("file", help="a UTF-8 text file")
+    sc.add_argument("--config", help="a run YAML (default: jaxinfer/presets/default.yaml; none with --model)")
+    sc.add_argument("--model", help="a Hugging Face or converted checkpoint folder (default: the config's)")
+    sc.add_argument("--window", type=int, help="tokens per scored window, >= 2 (default: the context, "
+                                               "engine.max_model_len - 1)")
+    sc.add_argument("--stride", type=int, help="tokens between window starts, 1..window-1; each token is scored once, "
+                                               "in the first window with context before it (default: window - 1)")
+    sc.add_argument("overrides", **overrides)
+    sc.set_defaults(func=cmd_score)
     c = sub.add_parser("convert", help="convert a Hugging Face folder to an orbax checkpoint")
     c.add_argument("hf_dir", help="the Hugging Face folder (config.json + safetensors)")
     c.add_argument("out_dir", help="an empty or new folder (not hf_dir)")

@@ -91,7 +91,11 @@ class SamplingConfig:
     top_p: float = 1.0  # 1 disables
     min_p: float = 0.0  # 0 disables
     seed: int | None = None  # None: a fresh seed per request, recorded in its result; an int repeats a run
-    logprobs: bool = False
+    logprobs: bool = False  # each generated token's logprob (Completion.logprobs)
+    top_logprobs: int = 0  # > 0: also the n most likely tokens at each generated position (<= engine.max_top_logprobs)
+    # Score the prompt: each prompt token's logprob given the tokens before it (the first has none),
+    # with top_logprobs alternatives. Its prefill is computed in full (no prefix-cache hits).
+    prompt_logprobs: bool = False
     stop: tuple[str, ...] = ()  # stop strings: the request ends when its text contains one (needs a tokenizer)
 
     def with_seed(self) -> "SamplingConfig":
@@ -165,11 +169,15 @@ class EngineConfig:
     # Engine.records keeps the last max_step_records steps.
     max_finished_requests: int = 1024
     max_step_records: int = 100_000
+    # Scoring steps (a row asks for prompt_logprobs or top_logprobs) compute the logits of every
+    # token and return this many alternatives per token: a static shape, so a request may ask for
+    # up to this many (OpenAI's API allows 20).
+    max_top_logprobs: int = 20
     speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
 
     def __post_init__(self):
         _at_least(self, 1, "page_size", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "max_step_records")
-        _at_least(self, 0, "kv_memory_fraction", "max_finished_requests")
+        _at_least(self, 0, "kv_memory_fraction", "max_finished_requests", "max_top_logprobs")
         if self.num_pages is not None and self.num_pages < 1:
             raise ValueError(f"engine.num_pages={self.num_pages}: the KV cache needs at least one page "
                              "(or leave it unset for room for max_num_seqs full requests)")
@@ -198,6 +206,9 @@ class BenchConfig:
     seed: int = 0
     modes: tuple[str, ...] = ("continuous",)  # continuous | static | sequential (one by one via generate())
     warmup: bool = True  # run the workload once first so compilation stays out of the numbers
+    # Also compile every step shape first (Engine.warmup): arrivals in time can reach shapes the
+    # warm-up pass missed. Size the buckets for it (engine.fixed_table_width: ~100 shapes, not ~1,000).
+    warmup_shapes: bool = False
     # Service-level objectives for goodput (requests meeting both per second); 0 = no limit.
     slo_ttft_s: float = 0.0
     slo_tpot_s: float = 0.0
@@ -208,6 +219,26 @@ class BenchConfig:
                   "slo_ttft_s", "slo_tpot_s")
         if not math.isfinite(self.arrival_rate):
             raise ValueError(f"bench.arrival_rate={self.arrival_rate}: must be finite (0 = all at once)")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """`jaxinfer serve`: the OpenAI-compatible HTTP server over the engine (jaxinfer.serve).
+    The API key is never read from YAML: --api-key or $JAXINFER_API_KEY."""
+
+    host: str = "127.0.0.1"  # loopback: reachable from this machine only; 0.0.0.0 opens it to the network
+    port: int = 8000
+    model_name: str | None = None  # the id clients send as `model`; None: the checkpoint folder's name
+    max_waiting: int = 256  # requests queued for admission; past it new ones get 503 (admitted ones finish)
+    max_n: int = 16  # choices per request (`n`)
+    max_body_bytes: int = 4_000_000  # larger request bodies get 413
+    default_max_tokens: int = 16  # /v1/completions without max_tokens (OpenAI's default); chat fills the context
+
+    def __post_init__(self):
+        _at_least(self, 0, "port")
+        _at_least(self, 1, "max_waiting", "max_n", "max_body_bytes", "default_max_tokens")
+        if self.port > 65535:
+            raise ValueError(f"serve.port={self.port}: must be in [0, 65535] (0: any free port)")
 
 
 @dataclass(frozen=True)
@@ -225,11 +256,13 @@ class RunConfig:
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
 
 def _at_least(cfg, low, *names) -> None:
     """ValueError naming the first field of `cfg` below `low`."""
-    section = {"EngineConfig": "engine", "BenchConfig": "bench", "SpeculativeConfig": "engine.speculative"}.get(type(cfg).__name__, type(cfg).__name__)
+    section = {"EngineConfig": "engine", "BenchConfig": "bench", "SpeculativeConfig": "engine.speculative",
+               "ServeConfig": "serve"}.get(type(cfg).__name__, type(cfg).__name__)
     for name in names:
         value = getattr(cfg, name)
         if isinstance(value, (int, float)) and not value >= low:

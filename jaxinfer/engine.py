@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import math
 import signal
 import threading
 import time
@@ -30,7 +31,7 @@ from jaxinfer import sharding
 from jaxinfer.cache import PagedKVCache
 from jaxinfer.config import EngineConfig, RunConfig, SamplingConfig
 from jaxinfer.generate import cut_at_stop_string
-from jaxinfer.messages import StepOutput, StepPlan, empty_arrays, pack
+from jaxinfer.messages import Scores, StepOutput, StepPlan, empty_arrays, pack
 from jaxinfer.models import Model, dtype_of
 from jaxinfer.scheduler import Request, Scheduler, Status, bucket, check_token_ids, validate
 from jaxinfer.step import compile_step, poison_pages
@@ -81,6 +82,11 @@ class Completion:
     num_proposed: int = 0
     num_accepted: int = 0
     accepted_at: list[int] = dataclasses.field(default_factory=list)
+    # sampling.top_logprobs: the top alternatives [(id, logprob)] at each generated token;
+    # sampling.prompt_logprobs: each prompt token's logprob (None at position 0) and alternatives.
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[list[tuple[int, float]] | None] | None = None
 
     @property
     def acceptance_rate(self) -> float | None:
@@ -158,7 +164,8 @@ class Engine:
             if draft is not None:
                 self.draft_params = jax.device_put(draft.params, sharding.param_shardings(draft.params, self.mesh))
                 draft_s = (sharding.cache_sharding(self._zero_cache(draft), self.mesh), rep)
-            self._out_shardings = (sharding.cache_sharding(self._zero_cache(), self.mesh), draft_s, rep, rep, rep, rep, rep)
+            self._out_shardings = (sharding.cache_sharding(self._zero_cache(), self.mesh), draft_s, rep, rep, rep, rep, rep,
+                                   rep)
         if cfg.fixed_table_width is None:
             cfg = self.cfg = dataclasses.replace(cfg, fixed_table_width=jax.default_backend() != "cpu")
         self.scheduler = Scheduler(cfg, num_pages, self.max_model_len, clock)
@@ -168,7 +175,7 @@ class Engine:
         self._param_leaves, self._param_def = jax.tree.flatten(self.params)
         self._draft_leaves, self._draft_def = (None, None) if draft is None else jax.tree.flatten(self.draft_params)
         self._step = compile_step(self.model.graphdef, self._param_def, cfg.attention_impl, self._out_shardings,
-                                  None if draft is None else draft.graphdef, self._draft_def)
+                                  None if draft is None else draft.graphdef, self._draft_def, cfg.max_top_logprobs)
         self._inflight: collections.deque[tuple[StepPlan, tuple]] = collections.deque()
         self.records: collections.deque[StepRecord] = collections.deque(maxlen=cfg.max_step_records)
         self._lock = threading.RLock()  # the scheduler's state: any thread
@@ -185,6 +192,9 @@ class Engine:
     def _prepare(self, prompt: str | list[int], sampling: SamplingConfig, stop_ids, what: str = "prompt"):
         """(token ids, sampling, stop ids) checked, or ValueError: nothing is queued."""
         validate(sampling)
+        if sampling.top_logprobs > self.cfg.max_top_logprobs:
+            raise ValueError(f"sampling.top_logprobs={sampling.top_logprobs} exceeds engine.max_top_logprobs="
+                             f"{self.cfg.max_top_logprobs} (a static shape of the scoring step); raise it or ask for fewer")
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError(f"{what} is text but this engine has no tokenizer: pass token ids, or "
@@ -266,7 +276,7 @@ class Engine:
         plan, out = self._inflight[0]
         t0 = self.clock()
         try:
-            tokens, num_new, logprobs, drafts = self._read(*out)
+            tokens, num_new, logprobs, drafts, scores = self._read(*out)
         except Exception:  # the device step failed: its outputs, the cache included, are lost
             with self._lock, interrupts_held():
                 self._reset_device_state()
@@ -274,7 +284,8 @@ class Engine:
         wait = self.clock() - t0
         with self._lock, interrupts_held():
             touched = self.scheduler.update(plan, StepOutput(tokens, num_new, logprobs,
-                                                             drafts if self.draft is not None else None))
+                                                             drafts if self.draft is not None else None,
+                                                             Scores(*scores) if plan.layout.scores else None))
             self._inflight.popleft()
             self._check_stop_strings(touched)
         return touched, wait
@@ -296,9 +307,9 @@ class Engine:
             self._draft_state = state if self.mesh is None else jax.device_put(state, self._out_shardings[1])
 
     @staticmethod
-    def _read(*arrays) -> tuple[np.ndarray, ...]:
-        """Waits for the device and copies `arrays` to the host."""
-        return tuple(np.asarray(a) for a in arrays)
+    def _read(*arrays) -> tuple:
+        """Waits for the device and copies `arrays` (and tuples of them) to the host."""
+        return tuple(jax.tree.map(np.asarray, a) for a in arrays)
 
     def _reset_device_state(self) -> None:
         """After a lost step (its cache with it): every unfinished request recomputes from a fresh cache."""
@@ -341,16 +352,17 @@ class Engine:
         finally:
             self._stepping.release()
 
-    def warmup(self, progress: bool = True) -> dict:
+    def warmup(self, progress: bool = True, scores: bool = False) -> dict:
         """Compiles every step shape the configuration can reach (Scheduler.layouts), so none
         compiles in the middle of traffic. Each runs once on an all-padding plan, which writes
         nothing. -> {"num_layouts", "num_executables", "compile_s"}. Needs an idle engine.
         The count grows with every bucket list (engine.*_buckets) and table width: the default
-        config reaches ~1,000 shapes on CPU and ~130 with fixed_table_width; size them to fit."""
+        config reaches ~1,000 shapes on CPU and ~130 with fixed_table_width; size them to fit.
+        `scores`: also the scoring variant of each (requests with prompt_logprobs or top_logprobs)."""
         with self._lock:
             if self.has_work():
                 raise RuntimeError("Engine.warmup() needs an idle engine: call it before adding requests")
-            layouts = self.scheduler.layouts()
+            layouts = self.scheduler.layouts(scores)
         t0 = time.perf_counter()
         pad_slot = self.num_pages * self.cfg.page_size
         from tqdm import tqdm
@@ -437,4 +449,36 @@ class Engine:
         return Completion(r.id, r.prompt, list(r.output), text, r.finish_reason,
                           list(r.logprobs) if r.sampling.logprobs else None, r.error, r.arrival,
                           r.scheduled_time, list(r.token_times), r.num_cached_tokens, r.num_preemptions,
-                          r.sampling.seed, r.num_verify_steps, r.num_proposed, r.num_accepted, list(r.accepted_at))
+                          r.sampling.seed, r.num_verify_steps, r.num_proposed, r.num_accepted, list(r.accepted_at),
+                          list(r.top_logprobs) if r.sampling.top_logprobs else None,
+                          list(r.prompt_logprobs) if r.sampling.prompt_logprobs else None,
+                          list(r.prompt_top) if r.sampling.prompt_logprobs and r.sampling.top_logprobs else None)
+
+    def score(self, prompts: list[str | list[int]], top_logprobs: int = 0) -> list["Scored"]:
+        """Each prompt's token logprobs under the model (the first token has none), through the
+        serving step's scoring path (sampling.prompt_logprobs): what evaluation harnesses and
+        perplexity need. Prompts must fit engine.max_model_len - 1 (one token is generated)."""
+        sampling = SamplingConfig(max_new_tokens=1, seed=0, prompt_logprobs=True, top_logprobs=top_logprobs)
+        return [Scored(c.prompt_tokens, c.prompt_logprobs, c.prompt_top_logprobs, c.error)
+                for c in self.generate(prompts, sampling, stop_ids=())]
+
+
+@dataclasses.dataclass
+class Scored:
+    """One scored prompt: logprobs[i] = log p(tokens[i] | tokens[:i]), None at 0 (and on error)."""
+
+    tokens: list[int]
+    logprobs: list[float | None]
+    top_logprobs: list[list[tuple[int, float]] | None] | None
+    error: str | None = None
+
+    @property
+    def nll(self) -> float:
+        """Total negative log-likelihood of tokens[1:] (nats)."""
+        if self.error:
+            raise ValueError(f"this prompt was not scored: {self.error}")
+        return -sum(lp for lp in self.logprobs[1:])
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nll / max(len(self.tokens) - 1, 1))

@@ -36,6 +36,7 @@ class Layout:
     chunk: int = 0  # Tp
     table_width: int = 1  # W: block-table entries per row
     num_drafts: int = 0  # k (engine-wide; 0 = no speculation)
+    scores: bool = False  # also every token's log-softmax: the target's logprob and the top alternatives
 
     @property
     def groups(self) -> tuple[Group, ...]:
@@ -78,6 +79,8 @@ FIELDS = (
     Field("sample_step", "int32", "row", 0, "tokens the request generated so far (key fold-in)"),
     Field("draft_src", "int32", "row", -1, "verify rows: the previous step's row holding the drafts' "
                                             "probabilities; -1: the drafts are one-hot (n-gram)"),
+    Field("targets", "int32", "token", -1, "scoring steps: the prompt token after this one, scored "
+                                            "against this position's logits; -1 = none"),
     Field("top_k", "int32", "row", 0, "0 = off"),
     Field("seed", "uint32", "row", 0, "the request's sampling seed"),
     Field("temperature", "float32", "row", 0.0, "0 = greedy"),
@@ -158,6 +161,16 @@ class StepOutput:
     num_new: np.ndarray  # [R] int32, 1..k+1 for a sampling row
     logprobs: np.ndarray  # [R, k + 1] float32, of the model's own distribution
     drafts: np.ndarray | None = None  # [R, k] int32: the draft model's proposals for the next step
+    scores: "Scores | None" = None  # scoring steps (Layout.scores) only
+
+
+@dataclasses.dataclass
+class Scores:
+    """A scoring step's per-token results, at flat token indices (Layout.groups)."""
+
+    target_logprobs: np.ndarray  # [N] float32: logprob of `targets` at each position (0 where none)
+    top_ids: np.ndarray  # [N, n] int32: the n most likely next tokens at each position, best first
+    top_logprobs: np.ndarray  # [N, n] float32: their logprobs
 
     @classmethod
     def single(cls, tokens, logprobs) -> "StepOutput":

@@ -43,6 +43,8 @@ def validate(s: SamplingConfig) -> SamplingConfig:
         bad("top_p", "must be in (0, 1] (1 disables top-p)")
     if not math.isfinite(s.min_p) or not 0 <= s.min_p <= 1:
         bad("min_p", "must be in [0, 1] (0 disables min-p)")
+    if not isinstance(s.top_logprobs, int) or s.top_logprobs < 0:
+        bad("top_logprobs", "must be an integer >= 0 (0: no alternatives)")
     if s.seed is not None and not 0 <= s.seed < 2**32:
         bad("seed", "must be in [0, 2**32), or None for a fresh seed per request")
     if isinstance(s.stop, str) or not all(isinstance(x, str) for x in s.stop):
@@ -113,9 +115,16 @@ class Request:
     num_proposed: int = 0
     num_accepted: int = 0
     accepted_at: list[int] = dataclasses.field(default_factory=list)  # [k]: drafts kept at position j
+    # Scoring (sampling.prompt_logprobs / top_logprobs): per prompt position, its logprob given the
+    # positions before (None at 0) and the top alternatives there [(id, logprob)]; per output token too.
+    prompt_logprobs: list[float | None] = dataclasses.field(default_factory=list)
+    prompt_top: list[list[tuple[int, float]] | None] = dataclasses.field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)
 
     def __post_init__(self):
         self.known = self.prompt + self.output
+        if self.sampling.prompt_logprobs and not self.prompt_logprobs:
+            self.prompt_logprobs, self.prompt_top = [None] * len(self.prompt), [None] * len(self.prompt)
 
     @property
     def num_tokens(self) -> int:
@@ -345,6 +354,8 @@ class Scheduler:
         """Points a fresh request's first pages at cached pages with the same token prefix."""
         c, known = self.page_size, req.known
         key = None
+        if req.sampling.prompt_logprobs:  # a scored prompt is computed in full: cached pages carry no logits
+            return
         for i in range((len(known) - 1) // c):  # at least one token is left to compute for logits
             key = PageKey(key, tuple(known[i * c:(i + 1) * c]))
             page = self.alloc.lookup(key)
@@ -453,10 +464,10 @@ class Scheduler:
             budget -= n
         return self._plan(step_id, rows) if rows else None
 
-    def layouts(self) -> list[Layout]:
+    def layouts(self, scores: bool = False) -> list[Layout]:
         """Every step shape this configuration can reach (what Engine.warmup compiles): each row
         group's bucket, with the fewest real rows and tokens that land in it, must fit the row
-        limit and the token budget together."""
+        limit and the token budget together. `scores`: the scoring variant of each as well."""
         cfg, k = self.cfg, self.num_drafts
 
         def reachable(buckets, limit, low=1):  # (bucket, fewest real values in it) up to `limit`
@@ -477,7 +488,7 @@ class Scheduler:
             for tp, n in (chunks if bp else [(0, 0)]):
                 real_rows, tokens = nd + nv + np_, nd + nv * (k + 1) + (max(np_ - 1, 0) * 2 + n if np_ else 0)
                 if 0 < real_rows <= rows and tokens <= budget:
-                    out += [Layout(bd, bv, bp, tp, w, k) for w in self.table_buckets]
+                    out += [Layout(bd, bv, bp, tp, w, k, sc) for w in self.table_buckets for sc in {False, scores}]
         return out
 
     def _plan(self, step_id: int, rows: list[tuple[Request, int, list[int] | None]]) -> StepPlan:
@@ -491,7 +502,7 @@ class Scheduler:
             num_verify_rows=bucket(len(verify), self.verify_buckets, "verify rows") if verify else 0,
             num_prefill_rows=bucket(len(prefill), cfg.prefill_row_buckets, "prefill rows"), chunk=tp,
             table_width=bucket(max(len(r.pages) for r, _, _ in rows), self.table_buckets, "pages per row"),
-            num_drafts=k)
+            num_drafts=k, scores=any(r.sampling.prompt_logprobs or r.sampling.top_logprobs for r, _, _ in rows))
         a = empty_arrays(layout, pad_slot=self.alloc.num_pages * c)
         placed = []
         for group, members in zip(("decode", "verify", "prefill"), (decode, verify, prefill)):
@@ -511,6 +522,9 @@ class Scheduler:
         a["slots"][first:first + n] = np.asarray(req.pages)[pos // c] * c + pos % c
         have = max(0, min(n, len(known) - start))  # tokens known on the host
         a["tokens"][first:first + have] = known[start:start + have]
+        if req.sampling.prompt_logprobs:  # score each prompt token against the position before it
+            scored = pos[pos + 1 < len(req.prompt)]
+            a["targets"][first:first + len(scored)] = np.asarray(req.prompt)[scored + 1]
         if drafts is not None:
             a["tokens"][first + 1:first + n] = drafts
             a["draft_src"][row] = req.draft_row if self.cfg.speculative.method == "draft" else -1
@@ -538,6 +552,8 @@ class Scheduler:
             req = self.requests.get(rp.request_id)
             if req is None or req.status == Status.FINISHED:
                 continue
+            if out.scores is not None and req.sampling.prompt_logprobs:
+                self._take_prompt_scores(req, plan, rp.row, out.scores)
             if not rp.samples:
                 if req.status == Status.RUNNING:
                     self._register_full_pages(req)
@@ -557,17 +573,36 @@ class Scheduler:
                 req.drafts, req.drafts_step, req.draft_row = out.drafts[rp.row].tolist(), plan.step_id, rp.row
             touched.append(req)
             for j in range(n):
-                self._append(req, int(out.tokens[rp.row, j]), float(out.logprobs[rp.row, j]), now)
+                top = None
+                if out.scores is not None and req.sampling.top_logprobs:
+                    top = self._top(out.scores, int(plan.arrays["logits_index"][rp.row]) + j, req.sampling.top_logprobs)
+                self._append(req, int(out.tokens[rp.row, j]), float(out.logprobs[rp.row, j]), now, top)
                 if req.status == Status.FINISHED:
                     break
             if req.status == Status.RUNNING and self.num_drafts:
                 self._trim(req)
         return touched
 
-    def _append(self, req: Request, tok: int, logprob: float, now: float) -> None:
+    @staticmethod
+    def _top(scores, index: int, n: int) -> list[tuple[int, float]]:
+        return list(zip(scores.top_ids[index, :n].tolist(), scores.top_logprobs[index, :n].tolist()))
+
+    def _take_prompt_scores(self, req: Request, plan: StepPlan, row: int, scores) -> None:
+        """Copies a scored row's prompt logprobs (flat tokens with a target) into the request."""
+        g = next(g for g in plan.layout.groups if g.first_row <= row < g.first_row + g.num_rows)
+        first = g.first_token + (row - g.first_row) * g.query_len
+        for i in range(first, first + g.query_len):
+            if plan.arrays["targets"][i] >= 0:
+                p = int(plan.arrays["positions"][i]) + 1
+                req.prompt_logprobs[p] = float(scores.target_logprobs[i])
+                req.prompt_top[p] = self._top(scores, i, req.sampling.top_logprobs)
+
+    def _append(self, req: Request, tok: int, logprob: float, now: float, top=None) -> None:
         req.output.append(tok)
         req.known.append(tok)
         req.logprobs.append(logprob)
+        if top is not None:
+            req.top_logprobs.append(top)
         req.token_times.append(now)
         if req.status == Status.RUNNING:  # before finishing: its pages serve later prefixes
             self._register_full_pages(req)

@@ -44,6 +44,7 @@ class StepBatch:
     kv_lens: jax.Array  # [R] int32, kv length of the row after this step (0 for padding rows)
     logits_index: jax.Array  # [R] int32, flat index of the row's first sampled token
     sample_step: jax.Array  # [R] int32, tokens the request generated so far (key fold-in)
+    targets: jax.Array  # [N] int32, scoring steps: the next prompt token to score at each position, -1 none
     draft_src: jax.Array  # [R] int32, verify rows: previous step's row of the drafts' probabilities, -1 one-hot
     sampling: SamplingParams  # [R] each
 
@@ -125,10 +126,23 @@ def sample_rows(model, hidden, tokens, batch: StepBatch, layout: Layout, draft_p
     return out_tokens, num_new, out_logprobs
 
 
+def score_tokens(model, hidden, targets, num_top: int):
+    """A scoring step's every position: hidden [N, D], targets [N] -> (logprob of the target [N],
+    0 where none; the num_top most likely next tokens [N, n] and their logprobs [N, n]). The
+    logits of all N tokens: only layouts with `scores` pay for them."""
+    logprobs = jax.nn.log_softmax(model.logits(hidden), axis=-1)  # [N, V]
+    target = jnp.take_along_axis(logprobs, jnp.clip(targets, 0)[:, None], axis=-1)[:, 0]
+    top_lp, top_ids = jax.lax.top_k(logprobs, num_top) if num_top else (
+        jnp.zeros((len(targets), 0), jnp.float32), jnp.zeros((len(targets), 0), jnp.int32))
+    return jnp.where(targets >= 0, target, 0.0), top_ids.astype(jnp.int32), top_lp
+
+
 def step(graphdef, param_def, param_leaves, cache: PagedKVCache, ints, floats, prev_tokens, draft_leaves=None,
-         draft=None, *, layout: Layout, attention_impl: str = "auto", draft_graphdef=None, draft_param_def=None):
+         draft=None, *, layout: Layout, attention_impl: str = "auto", draft_graphdef=None, draft_param_def=None,
+         num_top_logprobs: int = 0):
     """-> (cache, draft, last [Rmax], tokens [Rmax, k+1], num_new [Rmax], logprobs [Rmax, k+1],
-    drafts [Rmax, k]); rows past R are zero so every output has one shape whatever the bucket.
+    drafts [Rmax, k], scores); rows past R are zero so every output has one shape whatever the bucket.
+    scores: `score_tokens` of every flat token where layout.scores, else empty ([0], [0, n], [0, n]).
     `prev_tokens` [Rmax] is the previous step's `last` (each row's last sampled token).
     With a draft model: `draft_leaves` its params, `draft` (its cache, the probabilities
     [Rmax, k, V] of the previous step's proposals), returned with the new cache and proposals.
@@ -154,18 +168,21 @@ def step(graphdef, param_def, param_leaves, cache: PagedKVCache, ints, floats, p
         d_cache, drafts, probs = draft_step(d_model, draft[0], tokens, batch, layout, last, num_new, attention_impl)
         proposals = jnp.pad(drafts, ((0, pad), (0, 0)))
         draft = (d_cache, jnp.pad(probs, ((0, pad), (0, 0), (0, 0))))
+    n = num_top_logprobs
+    scores = (score_tokens(model, hidden, batch.targets, n) if layout.scores else
+              (jnp.zeros(0, jnp.float32), jnp.zeros((0, n), jnp.int32), jnp.zeros((0, n), jnp.float32)))
     return (cache, draft, jnp.pad(last, (0, pad)), jnp.pad(out_tokens, ((0, pad), (0, 0))), jnp.pad(num_new, (0, pad)),
-            jnp.pad(out_logprobs, ((0, pad), (0, 0))), proposals)
+            jnp.pad(out_logprobs, ((0, pad), (0, 0))), proposals, scores)
 
 
 @functools.cache
 def compile_step(graphdef, param_def, attention_impl: str = "auto", out_shardings=None, draft_graphdef=None,
-                 draft_param_def=None):
+                 draft_param_def=None, num_top_logprobs: int = 0):
     """The jitted step (one executable per Layout, the static argument); the caches are donated.
     Cached, so engines over the same model structure share compilations. On a mesh,
     `out_shardings` pins the outputs so the donated cache keeps its layout from step to step."""
     fn = partial(step, graphdef, param_def, attention_impl=attention_impl, draft_graphdef=draft_graphdef,
-                 draft_param_def=draft_param_def)
+                 draft_param_def=draft_param_def, num_top_logprobs=num_top_logprobs)
     kw = {} if out_shardings is None else {"out_shardings": out_shardings}
     return jax.jit(fn, donate_argnums=(1, 6), static_argnames=("layout",), **kw)
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).parents[1] / "jaxinfer"
-HOST_MODULES = ["tokenizer", "config", "scheduler", "metrics", "corpus", "experiment.spec", "experiment.report"]
+HOST_MODULES = ["tokenizer", "config", "scheduler", "metrics", "corpus", "experiment.spec", "experiment.report",
+                "scoring", "serve.protocol", "serve.client"]
 DEVICE_LIBS = {"jax", "jaxlib", "flax", "optax", "orbax", "chex"}
 
 

@@ -63,8 +63,6 @@ def device_price(prices: dict, device_kind: str) -> tuple[str | None, dict | Non
 
 def perf(row: dict, model, cfg: RunConfig, ctx: Context, steps, measured_s: float, output_tokens: int) -> dict:
     """Adds the roofline and cost columns to a performance row: steps are (tokens, rows, kv tokens)."""
-    import jax
-
     from jaxinfer.experiment.machine import as_machine, footprint
     from jaxinfer.metrics import Machine
 
@@ -76,12 +74,7 @@ def perf(row: dict, model, cfg: RunConfig, ctx: Context, steps, measured_s: floa
             "bandwidth_buffer_mib": m["bandwidth_buffer_bytes"] / 2**20,
             "bytes_per_step": bound["bytes_read"] / max(len(steps), 1), "weight_mib": fp.streamed_bytes / 2**20}
     tok_s = output_tokens / measured_s if measured_s else float("nan")
-    device = jax.devices()[0]
-    # Devices the run held: a CPU is priced per VM (simulated devices are one machine); else the mesh.
-    num_devices = 1 if device.platform == "cpu" else math.prod(cfg.engine.mesh)
-    name, own = device_price(ctx.prices, device.device_kind)
-    row["usd_per_1m"] = usd_per_million(tok_s, own["usd_per_hour"], num_devices) if own else float("nan")
-    row["price_device"] = name
+    row |= price_here(tok_s, cfg, ctx)
     for other in ctx.prices.get("compare", []):
         d = ctx.prices["devices"][other]
         b = run_bound(fp, Machine(d["read_gb_s"] * 1e9, d["peak_tflops"] * 1e12), steps)
@@ -145,6 +138,18 @@ def _engine_decode_speed(model, tok, cfg: RunConfig, ctx: Context) -> dict:
     return perf(row, model, cfg, ctx, steps, step_s * len(steps), batch * len(steps))
 
 
+def price_here(tok_s: float, cfg: RunConfig, ctx: Context) -> dict:
+    """$ per 1M output tokens at `tok_s` on the device this run holds (prices.yaml)."""
+    import jax
+
+    device = jax.devices()[0]
+    # Devices the run held: a CPU is priced per VM (simulated devices are one machine); else the mesh.
+    num_devices = 1 if device.platform == "cpu" else math.prod(cfg.engine.mesh)
+    name, own = device_price(ctx.prices, device.device_kind)
+    return {"usd_per_1m": usd_per_million(tok_s, own["usd_per_hour"], num_devices) if own else float("nan"),
+            "price_device": name}
+
+
 def decode(run, ctx: Context):
     """Each of experiment.decoders, then each of experiment.peers (other engines on the same
     weights; their first row's greedy tokens are compared with the generator's when it ran)."""
@@ -166,7 +171,8 @@ def decode(run, ctx: Context):
         if row is None:
             print(f"{run.run_id}: peer {peer} has no {peers.precision(run.cfg)} path; not measured")
             continue
-        rows.append(row | {"batch": run.cfg.bench.num_requests, "model": label, "decoder": peer})
+        rows.append(row | price_here(row["tok_s"], run.cfg, ctx)
+                    | {"batch": run.cfg.bench.num_requests, "model": label, "decoder": peer})
     return rows, []
 
 

@@ -173,7 +173,7 @@ def cost_table(res: dict) -> str:
            "|" + "---|" * (len(labels) + 1 + len(devices))]
     for r in rows:
         out.append("| " + " | ".join([fmt(k, value(r, k)) for k in labels] + [fmt("usd_per_1m", r.get("usd_per_1m"))]
-                                     + [f"{r.get(f'usd_per_1m_at_bound[{d}]', float('nan')):.3g}" for d in devices]) + " |")
+                                     + [fmt("usd_per_1m", r.get(f"usd_per_1m_at_bound[{d}]")) for d in devices]) + " |")
     return "\n".join(out)
 
 
