@@ -309,7 +309,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--shared-prefix", type=int, metavar="N", help="tokens of a prefix shared by every prompt, >= 0 (default: 0)")
     b.add_argument("--rate", type=float, metavar="R", help="Poisson arrival rate in requests/s, >= 0; 0 = all at once (default: 0)")
     b.add_argument("--url", help="also send the workload to a `jaxinfer serve` at this URL (e.g. http://127.0.0.1:8000; "
-                                 "run it with the same --config): an 'http' column and its latency over in-process")
+                                 "run it with the same --config): an 'http' column and its latency over in-process (default: none)")
     b.add_argument("--api-key", help="with --url: the server's API key (default: $JAXINFER_API_KEY)")
     b.add_argument("--out", help="JSON path, checked for writing before the run (default: results/bench/<time>.json)")
     b.add_argument("overrides", **overrides)
@@ -332,7 +332,7 @@ def parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server over the engine (needs the serve extra)")
     sv.add_argument("--config", help="a run YAML (model, engine, serve sections) (default: "
                                      "jaxinfer/presets/default.yaml, the shipped reference model; none with --model)")
-    sv.add_argument("--model", help="a Hugging Face or converted checkpoint folder (default: the config's)")
+    sv.add_argument("--model", help="a Hugging Face or converted checkpoint folder (default: the config's checkpoint)")
     sv.add_argument("--host", help="address to listen on (default: serve.host, 127.0.0.1: this machine only)")
     sv.add_argument("--port", type=int, help="port, 0 = any free one (default: serve.port, 8000)")
     sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (default: $JAXINFER_API_KEY, else none)")

@@ -89,11 +89,11 @@ def greedy(server, prompts, max_tokens, stop=None):
     return engine.generate(prompts, SamplingConfig(max_new_tokens=max_tokens, stop=tuple(stop or ())))
 
 
-def post(server, path, body, key=KEY, **kw):
+def post(server, path, body, key=KEY, timeout=60):
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
     return httpx.post(server[0] + path, content=content, headers={**headers, "Content-Type": "application/json"},
-                      timeout=60, **kw)
+                      timeout=timeout)
 
 
 def test_models_and_health(server, client):
@@ -332,3 +332,28 @@ def test_overload_gets_503_while_admitted_requests_finish(tmp_path):
         assert r.status_code == 400 and r.json()["error"]["code"] == "chat_template_missing"
     finally:
         stop(proc)
+
+
+def test_streaming_echo_sends_the_prompt_and_its_scores_first(server, client):
+    text = "Paris is the capital"
+    plain = client.completions.create(model="tiny", prompt=text, max_tokens=4, echo=True, logprobs=2, temperature=0)
+    chunks = list(client.completions.create(model="tiny", prompt=text, max_tokens=4, echo=True, logprobs=2,
+                                            temperature=0, stream=True))
+    assert chunks[0].choices[0].text == text
+    assert chunks[0].choices[0].logprobs.token_logprobs == plain.choices[0].logprobs.token_logprobs[:len(text) + 1]
+    assert "".join(c.choices[0].text for c in chunks) == plain.choices[0].text
+
+
+def test_a_non_streaming_client_that_leaves_is_aborted(server):
+    """32 long choices (~0.3 s warm); the client gives up after 0.05 s: the server, which checks
+    every 0.05 s, aborts them all and frees their pages."""
+    before = metric(server, 'jaxinfer_requests_finished_total{reason="abort"}')
+    body = {"model": "tiny", "prompt": list("abcdefgh"), "n": 4, "max_tokens": 120, "temperature": 0,
+            "ignore_eos": True}
+    with pytest.raises(httpx.TimeoutException):
+        post(server, "/v1/completions", body, timeout=0.05)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and metric(server, 'jaxinfer_requests_finished_total{reason="abort"}') < before + 32:
+        time.sleep(0.1)
+    assert metric(server, 'jaxinfer_requests_finished_total{reason="abort"}') == before + 32
+    assert metric(server, "jaxinfer_kv_pages_used") == 0

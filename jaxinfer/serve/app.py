@@ -28,7 +28,7 @@ from jaxinfer.serve.protocol import APIError, Limits, Parsed, bad, new_id, now, 
 from jaxinfer.serve.worker import EngineWorker, Overloaded, Tokens
 
 log = logging.getLogger("jaxinfer.serve")
-DISCONNECT_POLL_S = 0.25  # how often a non-streaming handler checks that its client is still there
+DISCONNECT_POLL_S = 0.05  # how often a non-streaming handler checks that its client is still there
 
 
 def error_response(e: APIError, headers: dict | None = None) -> JSONResponse:
@@ -61,6 +61,23 @@ async def read_json(request: Request, limit: int) -> dict:
     return data
 
 
+class APIKeyMiddleware:
+    """401 on /v1 without 'Authorization: Bearer KEY'. Pure ASGI: Starlette's BaseHTTPMiddleware
+    wraps `receive`, and a handler behind it never sees its client disconnect."""
+
+    def __init__(self, app, key: str):
+        self.app, self.expected = app, f"Bearer {key}".encode("latin-1")
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            if dict(scope["headers"]).get(b"authorization") != self.expected:
+                err = APIError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
+                               code="invalid_api_key", type="authentication_error")
+                await error_response(err)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 class Choice:
     """One choice's tokens so far and the text already sent (streaming holds back what a stop
     string or an unfinished UTF-8 character may still change)."""
@@ -72,6 +89,7 @@ class Choice:
         self.logprobs: list[float] = []
         self.top: list = []
         self.sent = ""
+        self.echoed = False  # streaming echo: the prompt's chunk went out
         self.done: Completion | None = None
 
     def take(self, ev: Tokens) -> tuple[list[int], list[float], list]:
@@ -145,6 +163,11 @@ class Server:
         return {"content": [entry(t, lp) | {"top_logprobs": [entry(i, a) for i, a in alts]}
                             for t, lp, alts in zip(ids, lps, tops or [[]] * len(ids))]}
 
+    def prompt_logprobs(self, prompt: list[int], lps, tops) -> dict:
+        """An echoed prompt's scores in the completions shape (its first token has none)."""
+        tops = tops or [None] + [[] for _ in prompt[1:]]
+        return self.completion_logprobs(prompt, lps, tops)
+
     def _logprobs(self, choice: Choice, ids, lps, tops, chat: bool, echo_prompt: Completion | None = None):
         p = choice.parsed
         if p.logprobs is None:
@@ -152,9 +175,9 @@ class Server:
         tops = tops if p.logprobs else [[] for _ in ids]
         if chat:
             return self.chat_logprobs(ids, lps, tops)
-        if echo_prompt is not None:  # the prompt's own scores first (its first token has none)
-            ptops = echo_prompt.prompt_top_logprobs or [None] + [[] for _ in echo_prompt.prompt_tokens[1:]]
-            first = self.completion_logprobs(echo_prompt.prompt_tokens, echo_prompt.prompt_logprobs, ptops)
+        if echo_prompt is not None:  # the prompt's own scores first
+            first = self.prompt_logprobs(echo_prompt.prompt_tokens, echo_prompt.prompt_logprobs,
+                                         echo_prompt.prompt_top_logprobs)
             rest = self.completion_logprobs(ids, lps, tops, offset=len(self.decode(echo_prompt.prompt_tokens)))
             return {k: first[k] + rest[k] for k in first}
         return self.completion_logprobs(ids, lps, tops)
@@ -268,6 +291,14 @@ class Server:
             while pending:
                 rid, ev = await queue.get()
                 c = choices[rid]
+                if parsed.echo and not c.echoed and not (isinstance(ev, Completion) and self.failed(ev)):
+                    # the prompt first, with its scores once they exist (the first event: its prefill ran)
+                    c.echoed = True
+                    lp_prompt = ev.prompt_logprobs if isinstance(ev, Tokens) else ev.prompt_logprobs
+                    top_prompt = ev.prompt_top if isinstance(ev, Tokens) else ev.prompt_top_logprobs
+                    scores = (self.prompt_logprobs(c.prompt, lp_prompt, top_prompt)
+                              if parsed.logprobs is not None and lp_prompt is not None else None)
+                    yield chunk([piece(c, self.decode(c.prompt), scores)])
                 if isinstance(ev, Tokens):
                     ids_, lps, tops = c.take(ev)
                     text = c.delta(self.decode, final=False)
@@ -280,11 +311,7 @@ class Server:
                     yield f"data: {json.dumps(err.body())}\n\n"
                     continue
                 text = c.delta(self.decode, final=True) if parsed.max_tokens else ""
-                echo = None
-                if parsed.echo:  # the prompt (and its scores) once it is known, before the completion's text
-                    echo = self._logprobs(c, [], [], [], False, ev)
-                    text = self.decode(c.prompt) + text if not c.sent and not c.tokens else text
-                yield chunk([piece(c, text, echo, "length" if parsed.max_tokens == 0 else self._finish_reason(ev))])
+                yield chunk([piece(c, text, None, "length" if parsed.max_tokens == 0 else self._finish_reason(ev))])
             if parsed.include_usage:
                 yield chunk([], self.usage(parsed, choices.values()))
             yield "data: [DONE]\n\n"
@@ -324,13 +351,8 @@ def create_app(engine: Engine, cfg: ServeConfig = ServeConfig(), model_id: str =
         return error_response(APIError(500, f"internal server error ({type(e).__name__}); see the server log",
                                        type="server_error", code="internal_error"))
 
-    @app.middleware("http")
-    async def auth(request: Request, call_next):
-        if server.api_key and request.url.path.startswith("/v1"):
-            if request.headers.get("authorization", "") != f"Bearer {server.api_key}":
-                return error_response(APIError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
-                                               code="invalid_api_key", type="authentication_error"))
-        return await call_next(request)
+    if api_key:
+        app.add_middleware(APIKeyMiddleware, key=api_key)
 
     def model_card() -> dict:
         return {"id": server.model_id, "object": "model", "created": server.created, "owned_by": "jaxinfer",

@@ -27,6 +27,9 @@ class Tokens:
     tokens: list[int]
     logprobs: list[float]
     top_logprobs: list[list[tuple[int, float]]]
+    # The first event of a prompt_logprobs request: the prompt's scores (known once its prefill ran).
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top: list | None = None
 
 
 @dataclasses.dataclass
@@ -132,7 +135,10 @@ class EngineWorker:
             n = len(req.output)
             if n > sub.seen:
                 top = req.top_logprobs[sub.seen:n] if req.sampling.top_logprobs else []
-                self._call(sub, rid, Tokens(req.output[sub.seen:n], req.logprobs[sub.seen:n], top))
+                ev = Tokens(req.output[sub.seen:n], req.logprobs[sub.seen:n], top)
+                if sub.seen == 0 and req.sampling.prompt_logprobs:
+                    ev.prompt_logprobs, ev.prompt_top = list(req.prompt_logprobs), list(req.prompt_top)
+                self._call(sub, rid, ev)
                 sub.seen = n
             if req.status.value == "finished":
                 done = self.engine.completion(rid)
