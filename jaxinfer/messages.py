@@ -154,6 +154,15 @@ class StepPlan:
 
 
 @dataclasses.dataclass
+class Scores:
+    """A scoring step's per-token results, at flat token indices (Layout.groups)."""
+
+    target_logprobs: np.ndarray  # [N] float32: logprob of `targets` at each position (0 where none)
+    top_ids: np.ndarray  # [N, n] int32: the n most likely next tokens at each position, best first
+    top_logprobs: np.ndarray  # [N, n] float32: their logprobs
+
+
+@dataclasses.dataclass
 class StepOutput:
     """A step's results on the host, one row per plan row (padded to the engine's row count)."""
 
@@ -161,16 +170,7 @@ class StepOutput:
     num_new: np.ndarray  # [R] int32, 1..k+1 for a sampling row
     logprobs: np.ndarray  # [R, k + 1] float32, of the model's own distribution
     drafts: np.ndarray | None = None  # [R, k] int32: the draft model's proposals for the next step
-    scores: "Scores | None" = None  # scoring steps (Layout.scores) only
-
-
-@dataclasses.dataclass
-class Scores:
-    """A scoring step's per-token results, at flat token indices (Layout.groups)."""
-
-    target_logprobs: np.ndarray  # [N] float32: logprob of `targets` at each position (0 where none)
-    top_ids: np.ndarray  # [N, n] int32: the n most likely next tokens at each position, best first
-    top_logprobs: np.ndarray  # [N, n] float32: their logprobs
+    scores: Scores | None = None  # scoring steps (Layout.scores) only
 
     @classmethod
     def single(cls, tokens, logprobs) -> "StepOutput":

@@ -99,3 +99,23 @@ def test_perplexity_over_windows_equals_the_sum_of_full_forward_logprobs():
         nll -= sum(ref[p - start - 1, ids[p]] for p in range(first, end))
     assert got["num_scored"] == len(ids) - 1 and got["num_windows"] == 2
     assert got["perplexity"] == pytest.approx(math.exp(nll / (len(ids) - 1)), rel=1e-4)
+
+
+def test_jaxinfer_score_prints_the_perplexity_of_a_file(tmp_path, capsys):
+    from jaxinfer.cli import main
+    from jaxinfer.config import load_config
+
+    (tmp_path / "tiny.yaml").write_text(
+        "checkpoint: null\ntokenizer: byte\ncompilation_cache: null\n"
+        "model: {vocab_size: 272, hidden_size: 64, num_layers: 2, num_q_heads: 4, num_kv_heads: 2, head_dim: 16,\n"
+        "        ffw_size: 128, max_position_embeddings: 256, init_std: 0.2, dtype: float32}\n"
+        "engine: {page_size: 4, num_pages: 128, max_model_len: 64, max_num_seqs: 8, max_num_batched_tokens: 48,\n"
+        "         chunk_buckets: [16], prefill_row_buckets: [0, 1, 4], decode_row_buckets: [0, 1, 8]}\n")
+    text = "A small text, scored in windows of the context. " * 3
+    (tmp_path / "t.txt").write_text(text)
+    assert main(["score", str(tmp_path / "t.txt"), "--config", str(tmp_path / "tiny.yaml"), "--window", "40"]) == 0
+    out = capsys.readouterr().out
+    want = perplexity(Engine.from_config(load_config(str(tmp_path / "tiny.yaml"))), text, window=40, progress=False)
+    assert f"perplexity {want['perplexity']:.4f}" in out and f"{want['num_scored']} tokens scored" in out
+    (tmp_path / "bad.txt").write_bytes(b"ok \xff")
+    assert main(["score", str(tmp_path / "bad.txt"), "--config", str(tmp_path / "tiny.yaml")]) == 2

@@ -357,3 +357,20 @@ def test_a_non_streaming_client_that_leaves_is_aborted(server):
         time.sleep(0.1)
     assert metric(server, 'jaxinfer_requests_finished_total{reason="abort"}') == before + 32
     assert metric(server, "jaxinfer_kv_pages_used") == 0
+
+
+def test_bench_url_sends_the_workload_and_gets_what_the_engine_makes(server):
+    """`jaxinfer bench --url`: the same workload in-process and over HTTP; every token arrives."""
+    import dataclasses
+
+    from jaxinfer.bench import bench
+    from jaxinfer.checkpoint import build
+
+    cfg = load_config(str(server[1]))
+    cfg = dataclasses.replace(cfg, bench=dataclasses.replace(cfg.bench, num_requests=6, prompt_len=8, output_len=5,
+                                                             arrival_rate=50.0, warmup=False))
+    report = bench(cfg, build(cfg)[0], None, url=server[0], api_key=KEY)
+    http, local = report["results"]["http"], report["results"]["continuous"]
+    assert http["num_errors"] == 0 and http["num_requests"] == 6
+    assert http["output_tokens"] == local["output_tokens"] == 30 and http["input_tokens"] == local["input_tokens"]
+    assert set(report["http_overhead_s"]) == {"TTFT p50", "TPOT p50", "ITL mean"}
