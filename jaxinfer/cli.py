@@ -55,15 +55,17 @@ def _utf8(text: str, what: str) -> str:
     return text
 
 
+def _read_utf8(path, what: str) -> str:
+    """A file's text, or ValueError naming the first byte that is not UTF-8."""
+    try:
+        return Path(path).read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what} '{path}': invalid UTF-8 at byte {e.start} ({e.reason}); save it as UTF-8") from None
+
+
 def _prompts(args) -> list[str]:
     texts = [_utf8(t, f"--prompt {i + 1}") for i, t in enumerate(args.prompt or [])]
-    for path in args.prompt_file or []:
-        data = Path(path).read_bytes()
-        try:
-            texts.append(data.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            raise ValueError(f"prompt file '{path}': invalid UTF-8 at byte {e.start} ({e.reason}); "
-                             "save it as UTF-8") from None
+    texts += [_read_utf8(path, "prompt file") for path in args.prompt_file or []]
     return texts or [DEFAULT_PROMPT]
 
 
@@ -242,11 +244,7 @@ def cmd_score(args) -> int:
 
     cfg = _load(args)
     cfg = dataclasses.replace(cfg, checkpoint=args.model or cfg.checkpoint)
-    data = Path(args.file).read_bytes()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"'{args.file}': invalid UTF-8 at byte {e.start} ({e.reason}); save it as UTF-8") from None
+    text = _read_utf8(args.file, "score: file")
     engine = Engine.from_config(cfg)
     result = perplexity(engine, text, window=args.window, stride=args.stride)
     print(f"{args.file}: {result['num_scored']} tokens scored in {result['num_windows']} windows of up to "

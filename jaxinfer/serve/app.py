@@ -24,7 +24,8 @@ from jaxinfer.config import ServeConfig
 from jaxinfer.engine import Completion, Engine
 from jaxinfer.generate import cut_at_stop_string
 from jaxinfer.serve.metrics import ServerMetrics
-from jaxinfer.serve.protocol import APIError, Limits, Parsed, bad, new_id, now, parse_chat, parse_completion
+from jaxinfer.serve.protocol import (APIError, Limits, Parsed, bad, check_model, new_id, now, parse_chat,
+                                     parse_completion)
 from jaxinfer.serve.worker import EngineWorker, Overloaded, Tokens
 
 log = logging.getLogger("jaxinfer.serve")
@@ -294,10 +295,8 @@ class Server:
                 if parsed.echo and not c.echoed and not (isinstance(ev, Completion) and self.failed(ev)):
                     # the prompt first, with its scores once they exist (the first event: its prefill ran)
                     c.echoed = True
-                    lp_prompt = ev.prompt_logprobs if isinstance(ev, Tokens) else ev.prompt_logprobs
-                    top_prompt = ev.prompt_top if isinstance(ev, Tokens) else ev.prompt_top_logprobs
-                    scores = (self.prompt_logprobs(c.prompt, lp_prompt, top_prompt)
-                              if parsed.logprobs is not None and lp_prompt is not None else None)
+                    scores = (self.prompt_logprobs(c.prompt, ev.prompt_logprobs, ev.prompt_top_logprobs)
+                              if parsed.logprobs is not None and ev.prompt_logprobs is not None else None)
                     yield chunk([piece(c, self.decode(c.prompt), scores)])
                 if isinstance(ev, Tokens):
                     ids_, lps, tops = c.take(ev)
@@ -364,9 +363,7 @@ def create_app(engine: Engine, cfg: ServeConfig = ServeConfig(), model_id: str =
 
     @app.get("/v1/models/{model:path}")
     async def model(model: str):
-        if model != server.model_id:
-            raise APIError(404, f"the model '{model}' does not exist here; this server serves '{server.model_id}'",
-                           "model", "model_not_found")
+        check_model(model, server.model_id)
         return model_card()
 
     async def handle(request: Request, chat: bool):

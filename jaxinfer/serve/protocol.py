@@ -128,8 +128,13 @@ def _model(body: dict, limits: Limits) -> None:
         raise bad("'model' is required (GET /v1/models lists it)", "model", "missing_required_parameter")
     if not isinstance(model, str):
         raise bad(f"'model' must be a string, got {model!r}", "model", "invalid_type")
-    if model != limits.model_id:
-        raise APIError(404, f"the model '{model}' does not exist here; this server serves '{limits.model_id}'",
+    check_model(model, limits.model_id)
+
+
+def check_model(model: str, served: str) -> None:
+    """404 unless `model` is the id this server serves (requests and GET /v1/models/{id})."""
+    if model != served:
+        raise APIError(404, f"the model '{model}' does not exist here; this server serves '{served}'",
                        "model", "model_not_found")
 
 

@@ -11,7 +11,7 @@ import uuid
 
 from jaxinfer.config import SamplingConfig
 from jaxinfer.engine import Completion, Engine
-from jaxinfer.scheduler import UnknownRequest
+from jaxinfer.scheduler import Status, UnknownRequest
 
 log = logging.getLogger("jaxinfer.serve")
 
@@ -27,9 +27,10 @@ class Tokens:
     tokens: list[int]
     logprobs: list[float]
     top_logprobs: list[list[tuple[int, float]]]
-    # The first event of a prompt_logprobs request: the prompt's scores (known once its prefill ran).
+    # The first event of a prompt_logprobs request: the prompt's scores (known once its prefill
+    # ran), named as in Completion.
     prompt_logprobs: list[float | None] | None = None
-    prompt_top: list | None = None
+    prompt_top_logprobs: list | None = None
 
 
 @dataclasses.dataclass
@@ -137,10 +138,10 @@ class EngineWorker:
                 top = req.top_logprobs[sub.seen:n] if req.sampling.top_logprobs else []
                 ev = Tokens(req.output[sub.seen:n], req.logprobs[sub.seen:n], top)
                 if sub.seen == 0 and req.sampling.prompt_logprobs:
-                    ev.prompt_logprobs, ev.prompt_top = list(req.prompt_logprobs), list(req.prompt_top)
+                    ev.prompt_logprobs, ev.prompt_top_logprobs = list(req.prompt_logprobs), list(req.prompt_top)
                 self._call(sub, rid, ev)
                 sub.seen = n
-            if req.status.value == "finished":
+            if req.status == Status.FINISHED:
                 done = self.engine.completion(rid)
                 with self._lock:
                     del self._subs[rid]
