@@ -15,6 +15,7 @@ import json
 import math
 import sys
 import time
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -137,25 +138,28 @@ def step_case(model_cfg, attention_impl: str, *, num_decode_rows=8, prefill_rows
     from jaxinfer.cache import PagedKVCache
     from jaxinfer.messages import Layout, buffer_sizes
     from jaxinfer.models import abstract_params
-    from jaxinfer.step import step
+    from jaxinfer.step import data_parallel, step
 
     graphdef, params = abstract_params(model_cfg)
     leaves, param_def = jax.tree.flatten(params)
     m = model_cfg
     layout = Layout(num_decode_rows=num_decode_rows, num_prefill_rows=prefill_rows, chunk=chunk, table_width=width)
     num_ints, num_floats = buffer_sizes(layout)
+    shards = 1 if mesh is None else mesh.shape["data"]  # data parallel: each shard's plan, rows and pages
     cache_shape = (m.num_layers, m.num_kv_heads, pages, page_size, m.head_dim)
     cache = PagedKVCache(sds(cache_shape, leaves[0].dtype), sds(cache_shape, leaves[0].dtype))
+    one = partial(step, graphdef, param_def, attention_impl=attention_impl)
+    run = one if shards == 1 else data_parallel(one, mesh)
 
     def fn(leaves, cache, ints, floats, prev):
-        return step(graphdef, param_def, leaves, cache, ints, floats, prev, layout=layout, attention_impl=attention_impl)
-    args = [[sds(x.shape, x.dtype) for x in leaves], cache, sds((num_ints,), "int32"), sds((num_floats,), "float32"),
-            sds((out_rows,), "int32")]
-    if mesh is not None:  # as the engine lays them out: params and cache by logical axes, the rest replicated
+        return run(leaves, cache, ints, floats, prev, layout=layout)
+    args = [[sds(x.shape, x.dtype) for x in leaves], cache, sds((num_ints * shards,), "int32"),
+            sds((num_floats * shards,), "float32"), sds((out_rows * shards,), "int32")]
+    if mesh is not None:  # as the engine lays them out: params and cache by logical axes, plans over data
         from jaxinfer import sharding
 
         placed = [jax.tree.leaves(sharding.param_shardings(params, mesh)), sharding.cache_sharding(cache, mesh)]
-        placed += [sharding.replicated(mesh)] * 3
+        placed += [sharding.over_data(mesh)] * 3
         args = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), args, placed)
     return fn, args
 

@@ -29,7 +29,20 @@ def _load(args):
 
     cfg = load_config(_config_path(args), args.overrides)
     enable_compilation_cache(cfg.compilation_cache)
+    from jaxinfer import distributed
+
+    distributed.initialize(cfg.distributed)  # several processes (distributed.num_processes > 1) only
     return cfg
+
+
+def _follow(engine) -> int:
+    """Processes other than 0 of a distributed job: run process 0's steps until it closes the engine."""
+    import jax
+
+    print(f"process {jax.process_index()}: following process 0", flush=True)
+    steps = engine.follow()
+    print(f"process {jax.process_index()}: process 0 closed the engine after {steps} steps", flush=True)
+    return 0
 
 
 def _load_run_config(args):
@@ -112,6 +125,11 @@ def cmd_bench(args) -> int:
     from jaxinfer.checkpoint import build, load_draft
 
     cfg = _load(args)
+    import jax
+
+    if jax.process_count() > 1:
+        raise ValueError("jaxinfer bench runs in one process; with several (distributed.num_processes), run "
+                         "jaxinfer serve on every process and jaxinfer bench --url against process 0")
     flags = {"num_requests": args.num_requests, "prompt_len": args.prompt_len, "output_len": args.output_len,
              "shared_prefix_len": args.shared_prefix, "arrival_rate": args.rate,
              "modes": tuple(args.compare.split(",")) if args.compare else None}
@@ -219,6 +237,10 @@ def cmd_serve(args) -> int:
                                               if v is not None})
     cfg = dataclasses.replace(cfg, serve=serve, checkpoint=args.model or cfg.checkpoint)
     api_key = args.api_key or os.environ.get("JAXINFER_API_KEY") or None
+    import jax
+
+    if jax.process_index() != 0:  # a follower of a distributed job: no port, no server
+        return _follow(Engine.from_config(cfg))
     sock = socket.socket(socket.AF_INET6 if ":" in serve.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:  # bound before the model loads: a taken port fails now, and port 0 picks a free one
@@ -234,7 +256,10 @@ def cmd_serve(args) -> int:
     host, port = sock.getsockname()[:2]
     print(f"serving '{model_id}' at http://{host}:{port}/v1" + (" (API key required)" if api_key else ""), flush=True)
     config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5)
-    uvicorn.Server(config).run(sockets=[sock])
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        engine.close()  # releases the other processes of a distributed job
     return 0
 
 
@@ -246,7 +271,12 @@ def cmd_score(args) -> int:
     cfg = dataclasses.replace(cfg, checkpoint=args.model or cfg.checkpoint)
     text = _read_utf8(args.file, "score: file")
     engine = Engine.from_config(cfg)
-    result = perplexity(engine, text, window=args.window, stride=args.stride)
+    if not engine.is_leader:
+        return _follow(engine)
+    try:
+        result = perplexity(engine, text, window=args.window, stride=args.stride)
+    finally:
+        engine.close()
     print(f"{args.file}: {result['num_scored']} tokens scored in {result['num_windows']} windows of up to "
           f"{result['window']} tokens (stride {result['stride']})\n"
           f"perplexity {result['perplexity']:.4f} | NLL {result['nll_per_token']:.4f} nats/token "
@@ -361,10 +391,12 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from jaxinfer.distributed import DistributedError
+
     args = parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, OSError) as e:  # config, checkpoint, tokenizer, sampling and file errors
+    except (ValueError, OSError, DistributedError) as e:  # config, checkpoint, tokenizer, sampling and file errors
         detail = f"{e.strerror}: '{e.filename}'" if isinstance(e, OSError) and e.filename else str(e)
         print(f"jaxinfer {args.command}: error: {detail}", file=sys.stderr)
         return 2

@@ -242,6 +242,26 @@ class ServeConfig:
 
 
 @dataclass(frozen=True)
+class DistributedConfig:
+    """Several processes, one engine (jaxinfer.distributed): process 0 schedules and every process
+    runs the same step over the global mesh (engine.mesh must span all their devices). Unset
+    fields come from $JAX_COORDINATOR_ADDRESS, $JAX_NUM_PROCESSES and $JAX_PROCESS_ID."""
+
+    coordinator: str | None = None  # host:port of process 0's coordinator
+    num_processes: int | None = None  # None: $JAX_NUM_PROCESSES, else 1 (no jax.distributed)
+    process_id: int | None = None  # None: $JAX_PROCESS_ID
+    timeout_s: int = 60  # to connect: all num_processes must join within it
+    heartbeat_timeout_s: int = 10  # a process silent this long is dead: the others exit with an error
+
+    def __post_init__(self):
+        _at_least(self, 1, "timeout_s", "heartbeat_timeout_s")
+        if self.num_processes is not None:
+            _at_least(self, 1, "num_processes")
+        if self.process_id is not None:
+            _at_least(self, 0, "process_id")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """What `jaxinfer generate` runs: a model (checkpoint or random init), a tokenizer, sampling."""
 
@@ -257,6 +277,7 @@ class RunConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
 def _at_least(cfg, low, *names) -> None:

@@ -31,9 +31,9 @@ from jaxinfer import sharding
 from jaxinfer.cache import PagedKVCache
 from jaxinfer.config import EngineConfig, RunConfig, SamplingConfig
 from jaxinfer.generate import cut_at_stop_string
-from jaxinfer.messages import Scores, StepOutput, StepPlan, empty_arrays, pack
+from jaxinfer.messages import Scores, StepOutput, StepPlan, pack_plan
 from jaxinfer.models import Model, dtype_of
-from jaxinfer.scheduler import Request, Scheduler, Status, bucket, check_token_ids, validate
+from jaxinfer.scheduler import Request, Scheduler, ShardedScheduler, Status, bucket, check_token_ids, validate
 from jaxinfer.step import compile_step, poison_pages
 
 
@@ -112,10 +112,15 @@ class StepRecord:
     live_tokens: int
 
 
-def num_pages_for(cfg: EngineConfig, model: Model, max_model_len: int) -> int:
-    """engine.num_pages, or a fraction of free device memory, or room for max_num_seqs full requests."""
+def num_pages_for(cfg: EngineConfig, model: Model, max_model_len: int, num_shards: int = 1) -> int:
+    """Pages per shard of the `data` axis: engine.num_pages split evenly, or a fraction of one
+    device's free memory, or room for max_num_seqs full requests (max_num_seqs is per shard)."""
     if cfg.num_pages is not None:
-        return cfg.num_pages
+        if cfg.num_pages % num_shards:
+            raise ValueError(f"engine.num_pages={cfg.num_pages} does not split over the mesh's {num_shards} data "
+                             f"shards (each owns an equal share); use a multiple of {num_shards}, e.g. "
+                             f"{cfg.num_pages // num_shards * num_shards or num_shards}")
+        return cfg.num_pages // num_shards
     c, m = cfg.page_size, model.cfg
     if cfg.kv_memory_fraction > 0:
         stats = jax.devices()[0].memory_stats() or {}
@@ -149,33 +154,48 @@ class Engine:
         self.default_stop_ids = tuple(dict.fromkeys(
             model.cfg.stop_ids + (tuple(tokenizer.eos_ids) if tokenizer else ()))) if stop_ids is None else tuple(stop_ids)
         self.max_model_len = min(cfg.max_model_len, model.cfg.max_position_embeddings)
-        num_pages = num_pages_for(cfg, model, self.max_model_len)
-        if num_pages <= 0:
-            raise ValueError(f"engine.kv_memory_fraction={cfg.kv_memory_fraction} gives {num_pages} KV pages: "
+        # Data parallelism: each shard of the mesh's `data` axis serves its own requests from its own pages.
+        self.num_shards = cfg.mesh[0] if cfg.mesh else 1
+        pages_per_shard = num_pages_for(cfg, model, self.max_model_len, self.num_shards)
+        if pages_per_shard <= 0:
+            raise ValueError(f"engine.kv_memory_fraction={cfg.kv_memory_fraction} gives {pages_per_shard} KV pages: "
                              "the cache needs at least one; raise it or set engine.num_pages")
-        self.num_pages = num_pages
+        self.num_pages = num_pages = pages_per_shard * self.num_shards
         self.params, self.mesh, self._out_shardings, self._batch_sharding = model.params, None, None, None
         self.draft_params = None if draft is None else draft.params
         if tuple(cfg.mesh) != (1, 1):
-            self.mesh = sharding.make_mesh(*cfg.mesh)
+            self.mesh = sharding.make_mesh(*cfg.mesh, model_cfg=model.cfg)
             self.params = jax.device_put(model.params, sharding.param_shardings(model.params, self.mesh))
-            rep = self._batch_sharding = sharding.replicated(self.mesh)
+            rep = sharding.replicated(self.mesh)
+            # the plan's buffers: shard d's part to the devices of data shard d (all of them with one shard)
+            self._batch_sharding = sharding.over_data(self.mesh)
             draft_s = None
             if draft is not None:
                 self.draft_params = jax.device_put(draft.params, sharding.param_shardings(draft.params, self.mesh))
-                draft_s = (sharding.cache_sharding(self._zero_cache(draft), self.mesh), rep)
+                draft_s = (sharding.cache_sharding(self._zero_cache(draft), self.mesh), self._batch_sharding)
             self._out_shardings = (sharding.cache_sharding(self._zero_cache(), self.mesh), draft_s, rep, rep, rep, rep, rep,
                                    rep)
+        # Several processes (jaxinfer.distributed): process 0 plans, every process runs the step.
+        self._channel, self.is_leader, self._closed = None, jax.process_index() == 0, False
+        if jax.process_count() > 1:
+            if self.mesh is None:
+                raise ValueError(f"{jax.process_count()} processes share this engine but engine.mesh is (1, 1): "
+                                 f"set it to span all {jax.device_count()} devices, e.g. (1, {jax.device_count()})")
+            from jaxinfer.distributed import PlanChannel
+
+            self._channel = PlanChannel()
         if cfg.fixed_table_width is None:
             cfg = self.cfg = dataclasses.replace(cfg, fixed_table_width=jax.default_backend() != "cpu")
-        self.scheduler = Scheduler(cfg, num_pages, self.max_model_len, clock)
-        self.num_out_rows = (max(cfg.decode_row_buckets) + max(cfg.prefill_row_buckets)
+        self.scheduler = (Scheduler(cfg, num_pages, self.max_model_len, clock) if self.num_shards == 1 else
+                          ShardedScheduler(cfg, self.num_shards, pages_per_shard, self.max_model_len, clock))
+        self.num_out_rows = (max(cfg.decode_row_buckets) + max(cfg.prefill_row_buckets)  # per shard
                              + (max(self.scheduler.verify_buckets) if self.num_drafts else 0))
         self._init_device_state()
         self._param_leaves, self._param_def = jax.tree.flatten(self.params)
         self._draft_leaves, self._draft_def = (None, None) if draft is None else jax.tree.flatten(self.draft_params)
         self._step = compile_step(self.model.graphdef, self._param_def, cfg.attention_impl, self._out_shardings,
-                                  None if draft is None else draft.graphdef, self._draft_def, cfg.max_top_logprobs)
+                                  None if draft is None else draft.graphdef, self._draft_def, cfg.max_top_logprobs,
+                                  self.mesh if self.num_shards > 1 else None)
         self._inflight: collections.deque[tuple[StepPlan, tuple]] = collections.deque()
         self.records: collections.deque[StepRecord] = collections.deque(maxlen=cfg.max_step_records)
         self._lock = threading.RLock()  # the scheduler's state: any thread
@@ -226,21 +246,57 @@ class Engine:
 
     # ---- the loop -------------------------------------------------------------------------------
     def _dispatch(self, plan: StepPlan):
-        self._last_layout = plan.layout
-        ints, floats = pack(plan.arrays, plan.layout)
-        if self.mesh is not None:  # laid out on the mesh; one device takes numpy straight (~0.1 ms less)
+        ints, floats = pack_plan(plan)
+        freed = plan.freed_pages if self.cfg.debug_poison_freed_pages else []
+        if self._channel is not None:  # the other processes run the same step (jaxinfer.distributed)
+            self._channel.send("step", plan.layout, ints, floats, freed)
+        return plan, self._run(plan.layout, ints, floats, freed)
+
+    def _run(self, layout, ints, floats, freed) -> tuple:
+        """Dispatches the step of a packed plan; -> its outputs (still on device)."""
+        self._last_layout = layout
+        if self._channel is not None:  # every process holds the same buffers: each places its own part
+            ints, floats = (jax.make_array_from_callback(a.shape, self._batch_sharding, lambda i, a=a: a[i])
+                            for a in (ints, floats))
+        elif self.mesh is not None:  # laid out on the mesh; one device takes numpy straight (~0.1 ms less)
             ints, floats = jax.device_put((ints, floats), self._batch_sharding)
-        if self.cfg.debug_poison_freed_pages and plan.freed_pages:
-            pages = np.full(bucket(len(plan.freed_pages), (2 ** i for i in range(31)), "pages"),
-                            self.cache.num_pages, np.int32)
-            pages[: len(plan.freed_pages)] = plan.freed_pages
+        if freed:
+            pages = np.full(bucket(len(freed), (2 ** i for i in range(31)), "pages"), self.cache.num_pages, np.int32)
+            pages[: len(freed)] = freed
             self.cache = poison_pages(self.cache, pages)
             if self._draft_state is not None:
                 self._draft_state = (poison_pages(self._draft_state[0], pages), self._draft_state[1])
         self.cache, self._draft_state, self._prev, *out = self._step(
             self._param_leaves, self.cache, ints, floats, self._prev, self._draft_leaves, self._draft_state,
-            layout=plan.layout)
-        return plan, tuple(out)
+            layout=layout)
+        return tuple(out)
+
+    # ---- several processes (jaxinfer.distributed) -----------------------------------------------
+    def follow(self) -> int:
+        """Every process but 0: runs each step process 0 sends, until it closes the engine
+        (Engine.close); -> the number of steps run. Raises if process 0 is lost."""
+        if self._channel is None or self.is_leader:
+            raise RuntimeError("Engine.follow() is for processes other than 0 of a jax.distributed job "
+                               "(jaxinfer.distributed.initialize); process 0 steps the engine")
+        num_steps, last = 0, None
+        while True:
+            kind, payload = self._channel.recv()
+            if kind == "stop":
+                return num_steps
+            if kind == "reset":
+                self._init_device_state()
+                continue
+            out = self._run(*payload)
+            if last is not None:  # surfaces a failed step here, and keeps at most two in flight
+                jax.block_until_ready(last)
+            last, num_steps = out, num_steps + 1
+
+    def close(self) -> None:
+        """Process 0 of several: releases the followers (their Engine.follow returns). Idempotent;
+        nothing to do for one process."""
+        if self._channel is not None and self.is_leader and not self._closed:
+            self._channel.send("stop")
+            self._closed = True
 
     def step_hlo(self, layout=None) -> str:
         """The compiled step's optimized HLO for `layout` (default: the last one dispatched), e.g.
@@ -256,8 +312,8 @@ class Engine:
             return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None))
         args = jax.tree.map(spec, (self._param_leaves, self.cache))
         batch = self._batch_sharding if self.mesh is not None else None
-        args += (jax.ShapeDtypeStruct((num_ints,), np.int32, sharding=batch),
-                 jax.ShapeDtypeStruct((num_floats,), np.float32, sharding=batch))
+        args += (jax.ShapeDtypeStruct((num_ints * self.num_shards,), np.int32, sharding=batch),
+                 jax.ShapeDtypeStruct((num_floats * self.num_shards,), np.float32, sharding=batch))
         args += jax.tree.map(spec, (self._prev, self._draft_leaves, self._draft_state))
         return self._step.lower(*args, layout=layout).compile().as_text()
 
@@ -299,20 +355,26 @@ class Engine:
         """The KV cache and the previous-step token buffer, zeroed (and laid out on the mesh)."""
         cache = self._zero_cache()
         self.cache = cache if self.mesh is None else jax.device_put(cache, self._out_shardings[0])
-        self._prev = jax.device_put(jnp.zeros(self.num_out_rows, jnp.int32), self._batch_sharding)
+        self._prev = jax.device_put(jnp.zeros(self.num_out_rows * self.num_shards, jnp.int32), self._batch_sharding)
         self._draft_state = None
         if self.draft is not None:  # its cache, and the probabilities of the last proposals [Rmax, k, V]
             state = (self._zero_cache(self.draft),
-                     jnp.zeros((self.num_out_rows, self.num_drafts, self.model.cfg.vocab_size), jnp.float32))
+                     jnp.zeros((self.num_out_rows * self.num_shards, self.num_drafts, self.model.cfg.vocab_size),
+                               jnp.float32))
             self._draft_state = state if self.mesh is None else jax.device_put(state, self._out_shardings[1])
 
     @staticmethod
     def _read(*arrays) -> tuple:
-        """Waits for the device and copies `arrays` (and tuples of them) to the host."""
-        return tuple(jax.tree.map(np.asarray, a) for a in arrays)
+        """Waits for the device and copies `arrays` (and tuples of them) to the host. Outputs are
+        replicated: with several processes, the local copy is the whole array."""
+        def host(x):
+            return np.asarray(x if x.is_fully_addressable else x.addressable_data(0))
+        return tuple(jax.tree.map(host, a) for a in arrays)
 
     def _reset_device_state(self) -> None:
         """After a lost step (its cache with it): every unfinished request recomputes from a fresh cache."""
+        if self._channel is not None:
+            self._channel.send("reset")
         self._inflight.clear()
         self.scheduler.reset()
         self._init_device_state()
@@ -327,6 +389,9 @@ class Engine:
     def step(self) -> list[Request]:
         """One iteration: plan and dispatch a step, then read the previous one. Returns the
         requests that received a token. Raises EngineBusy if another thread is stepping."""
+        if not self.is_leader:
+            raise RuntimeError(f"process {jax.process_index()} follows process 0, which steps the engine: call "
+                               "Engine.follow() here")
         if not self._stepping.acquire(blocking=False):
             raise EngineBusy("Engine.step() is already running in another thread: one thread steps an engine "
                              "(add_request/abort/completion are safe from any thread)")
@@ -364,12 +429,10 @@ class Engine:
                 raise RuntimeError("Engine.warmup() needs an idle engine: call it before adding requests")
             layouts = self.scheduler.layouts(scores)
         t0 = time.perf_counter()
-        pad_slot = self.num_pages * self.cfg.page_size
         from tqdm import tqdm
 
         for layout in tqdm(layouts, desc="Engine.warmup", unit="shape", leave=False, disable=not progress):
-            plan = StepPlan(-1, layout, empty_arrays(layout, pad_slot), [], 0, [])
-            _, out = self._dispatch(plan)
+            _, out = self._dispatch(self.scheduler.padding_plan(layout))
             self._read(*out)
         return {"num_layouts": len(layouts), "num_executables": self.num_executables,
                 "compile_s": time.perf_counter() - t0}

@@ -49,6 +49,11 @@ class Layout:
             row, tok = row + rows, tok + rows * t
         return tuple(out)
 
+    def union(self, other: "Layout") -> "Layout":
+        """The smallest layout holding both (each group's rows, chunk and table width at the larger)."""
+        return Layout(*(max(a, b) for a, b in zip(dataclasses.astuple(self)[:6], dataclasses.astuple(other)[:6])),
+                      scores=self.scores or other.scores)
+
     @property
     def num_rows(self) -> int:  # R
         return self.num_decode_rows + self.num_verify_rows + self.num_prefill_rows
@@ -123,6 +128,15 @@ def buffer_sizes(layout: Layout) -> tuple[int, int]:
     return ends["ints"], ends["floats"]
 
 
+def pack_plan(plan: "StepPlan") -> tuple[np.ndarray, np.ndarray]:
+    """A plan's two buffers; a sharded plan's are its shards' buffers end to end (shard d's at
+    d * size: what a `data`-sharded buffer hands shard d)."""
+    if plan.shards is None:
+        return pack(plan.arrays, plan.layout)
+    ints, floats = zip(*(pack(p.arrays, p.layout) for p in plan.shards))
+    return np.concatenate(ints), np.concatenate(floats)
+
+
 def pack(arrays: dict[str, np.ndarray], layout: Layout) -> tuple[np.ndarray, np.ndarray]:
     """The plan's arrays as one int32 and one float32 buffer (one transfer each, not fifteen)."""
     parts = {"ints": [], "floats": []}
@@ -151,6 +165,9 @@ class StepPlan:
     rows: list[RowPlan]
     num_tokens: int  # real tokens scheduled
     freed_pages: list[int]
+    # Data parallelism: one plan per shard of the `data` mesh axis, all in `layout` (rows, arrays,
+    # pages and freed pages above are then the shards' together, pages as global ids).
+    shards: list["StepPlan"] | None = None
 
 
 @dataclasses.dataclass

@@ -22,7 +22,7 @@ import numpy as np
 
 from jaxinfer.config import EngineConfig, SamplingConfig
 from jaxinfer.drafters import ngram_propose
-from jaxinfer.messages import SAMPLING_FIELDS, Layout, RowPlan, StepOutput, StepPlan, empty_arrays
+from jaxinfer.messages import SAMPLING_FIELDS, Layout, RowPlan, Scores, StepOutput, StepPlan, empty_arrays
 
 PAD_ROW = SamplingConfig(seed=0)  # what padding rows sample with (greedy; their tokens are dropped)
 
@@ -416,6 +416,11 @@ class Scheduler:
     def schedule(self) -> StepPlan | None:
         """Picks rows under the token budget: running requests first (decodes, verifies and
         continuing prefills, in admission order), then waiting ones (FCFS) while budget and pages last."""
+        step_id, rows = self.pick()
+        return self._plan(step_id, rows) if rows else None
+
+    def pick(self) -> tuple[int, list[tuple[Request, int, list[int] | None]]]:
+        """schedule()'s choice without the plan: (step id, [(request, tokens this step, drafts)])."""
         budget = self.cfg.max_num_batched_tokens
         step_id = next(self.step_ids)
         rows: list[tuple[Request, int, list[int] | None]] = []  # (request, tokens this step, drafts)
@@ -462,7 +467,11 @@ class Scheduler:
             rows.append((req, n, None))
             num_prefill += n > 1
             budget -= n
-        return self._plan(step_id, rows) if rows else None
+        return step_id, rows
+
+    def padding_plan(self, layout: Layout) -> StepPlan:
+        """A plan of `layout` that computes nothing and writes nowhere (what warmup runs)."""
+        return StepPlan(-1, layout, empty_arrays(layout, self.alloc.num_pages * self.page_size), [], 0, [])
 
     def layouts(self, scores: bool = False) -> list[Layout]:
         """Every step shape this configuration can reach (what Engine.warmup compiles): each row
@@ -491,18 +500,31 @@ class Scheduler:
                     out += [Layout(bd, bv, bp, tp, w, k, sc) for w in self.table_buckets for sc in {False, scores}]
         return out
 
-    def _plan(self, step_id: int, rows: list[tuple[Request, int, list[int] | None]]) -> StepPlan:
-        cfg, c, k = self.cfg, self.page_size, self.num_drafts
+    @staticmethod
+    def _groups(rows):
         decode = [r for r in rows if r[1] == 1]
         verify = [r for r in rows if r[2] is not None]
-        prefill = [r for r in rows if r[1] > 1 and r[2] is None]
+        return decode, verify, [r for r in rows if r[1] > 1 and r[2] is None]
+
+    def layout_for(self, rows: list[tuple[Request, int, list[int] | None]]) -> Layout:
+        """The smallest step shape (each group's bucket) that holds `rows`."""
+        cfg = self.cfg
+        decode, verify, prefill = self._groups(rows)
         tp = bucket(max(n for _, n, _ in prefill), cfg.chunk_buckets, "chunk") if prefill else 0
-        layout = Layout(
+        return Layout(
             num_decode_rows=bucket(len(decode), cfg.decode_row_buckets, "decode rows"),
             num_verify_rows=bucket(len(verify), self.verify_buckets, "verify rows") if verify else 0,
             num_prefill_rows=bucket(len(prefill), cfg.prefill_row_buckets, "prefill rows"), chunk=tp,
-            table_width=bucket(max(len(r.pages) for r, _, _ in rows), self.table_buckets, "pages per row"),
-            num_drafts=k, scores=any(r.sampling.prompt_logprobs or r.sampling.top_logprobs for r, _, _ in rows))
+            table_width=bucket(max((len(r.pages) for r, _, _ in rows), default=1), self.table_buckets, "pages per row"),
+            num_drafts=self.num_drafts,
+            scores=any(r.sampling.prompt_logprobs or r.sampling.top_logprobs for r, _, _ in rows))
+
+    def _plan(self, step_id: int, rows: list[tuple[Request, int, list[int] | None]], layout: Layout | None = None
+              ) -> StepPlan:
+        """The plan of `rows` in `layout` (default: layout_for(rows); a larger one pads more)."""
+        c = self.page_size
+        decode, verify, prefill = self._groups(rows)
+        layout = layout or self.layout_for(rows)
         a = empty_arrays(layout, pad_slot=self.alloc.num_pages * c)
         placed = []
         for group, members in zip(("decode", "verify", "prefill"), (decode, verify, prefill)):
@@ -624,3 +646,157 @@ class Scheduler:
         req = self.get(request_id)
         if req.status != Status.FINISHED:
             self._finish(req, reason)
+
+
+class _Pages:
+    """The shards' page allocators seen as one (what metrics read): refcounts by global page id."""
+
+    def __init__(self, shards: list[Scheduler]):
+        self._shards = shards
+
+    @property
+    def num_pages(self) -> int:
+        return sum(s.alloc.num_pages for s in self._shards)
+
+    @property
+    def refcount(self) -> np.ndarray:
+        return np.concatenate([s.alloc.refcount for s in self._shards])
+
+
+class ShardedScheduler:
+    """HOST ONLY. Data parallelism: one Scheduler per shard of the `data` mesh axis, each with its
+    own pages (shard d owns global pages [d * P, (d + 1) * P)), token budget and row limits, and a
+    router that sends a new request to the least-loaded shard (among those as loaded, the one
+    holding the longest cached prefix of its prompt). Each step, every shard picks its rows; the
+    step's layout is the union of theirs, so one executable serves all shards (step.py runs each
+    shard's part as a step of its own). Request ids are unique over the shards; everything else
+    speaks Scheduler's interface."""
+
+    def __init__(self, cfg: EngineConfig, num_shards: int, pages_per_shard: int, max_model_len: int,
+                 clock=time.perf_counter):
+        self.cfg, self.clock = cfg, clock
+        self.shards = [Scheduler(cfg, pages_per_shard, max_model_len, clock) for _ in range(num_shards)]
+        self.pages_per_shard = pages_per_shard
+        self.verify_buckets, self.max_rows = self.shards[0].verify_buckets, self.shards[0].max_rows
+        self._ids = itertools.count()
+        self.alloc = _Pages(self.shards)
+
+    # ---- Scheduler's interface over the shards ----------------------------------------------
+    @property
+    def waiting(self) -> list[Request]:
+        return [r for s in self.shards for r in s.waiting]
+
+    @property
+    def running(self) -> list[Request]:
+        return [r for s in self.shards for r in s.running]
+
+    @property
+    def requests(self) -> collections.ChainMap:
+        return collections.ChainMap(*(s.requests for s in self.shards))
+
+    @property
+    def num_preemptions(self) -> int:
+        return sum(s.num_preemptions for s in self.shards)
+
+    @property
+    def num_dropped_unread(self) -> int:
+        return sum(s.num_dropped_unread for s in self.shards)
+
+    def shard_of(self, request_id: str) -> Scheduler:
+        for s in self.shards:
+            if str(request_id) in s.requests:
+                return s
+        return self.shards[0]  # its get() raises UnknownRequest, saying why
+
+    def get(self, request_id: str) -> Request:
+        return self.shard_of(request_id).get(request_id)
+
+    def release(self, request_id: str) -> Request:
+        return self.shard_of(request_id).release(request_id)
+
+    def abort(self, request_id: str) -> Request:
+        return self.shard_of(request_id).abort(request_id)
+
+    def finish(self, request_id: str, reason: str) -> None:
+        self.shard_of(request_id).finish(request_id, reason)
+
+    def has_work(self) -> bool:
+        return any(s.has_work() for s in self.shards)
+
+    def reset(self) -> None:
+        for s in self.shards:
+            s.reset()
+
+    def add(self, prompt: list[int], sampling: SamplingConfig, stop_ids=(), request_id: str | None = None,
+            arrival: float | None = None, keep: bool = False) -> Request:
+        rid = str(next(self._ids)) if request_id is None else str(request_id)
+        if rid in self.requests:
+            raise ValueError(f"request id '{rid}' is already in use")
+        return self.route(prompt).add(prompt, sampling, stop_ids, rid, arrival, keep)
+
+    def route(self, prompt: list[int]) -> Scheduler:
+        """The least-loaded shard (requests queued or running); among equals, the longest cached prefix."""
+        def load(s):
+            return len(s.waiting) + len(s.running)
+
+        least = min(load(s) for s in self.shards)
+        return max((s for s in self.shards if load(s) == least), key=lambda s: self._cached_pages(s, prompt))
+
+    def _cached_pages(self, s: Scheduler, prompt: list[int]) -> int:
+        c, key, n = s.page_size, None, 0
+        if not self.cfg.prefix_caching:
+            return 0
+        for i in range((len(prompt) - 1) // c):
+            key = PageKey(key, tuple(prompt[i * c:(i + 1) * c]))
+            if key not in s.alloc.by_key:
+                break
+            n += 1
+        return n
+
+    # ---- steps ------------------------------------------------------------------------------
+    def schedule(self) -> StepPlan | None:
+        picks = [s.pick() for s in self.shards]  # every shard counts every step: their step ids agree
+        busy = [(s, rows) for s, (_, rows) in zip(self.shards, picks) if rows]
+        if not busy:
+            return None
+        layout = busy[0][0].layout_for(busy[0][1])
+        for s, rows in busy[1:]:
+            layout = layout.union(s.layout_for(rows))
+        plans = [s._plan(step_id, rows, layout) for s, (step_id, rows) in zip(self.shards, picks)]
+        return self._combine(plans)
+
+    def _combine(self, plans: list[StepPlan]) -> StepPlan:
+        p = self.pages_per_shard
+        freed = [d * p + page for d, plan in enumerate(plans) for page in plan.freed_pages]
+        return StepPlan(plans[0].step_id, plans[0].layout, {}, [r for plan in plans for r in plan.rows],
+                        sum(plan.num_tokens for plan in plans), freed, shards=plans)
+
+    def padding_plan(self, layout: Layout) -> StepPlan:
+        return self._combine([s.padding_plan(layout) for s in self.shards])
+
+    def requeue(self, plan: StepPlan) -> None:
+        for s, sub in zip(self.shards, plan.shards):
+            s.requeue(sub)
+
+    def update(self, plan: StepPlan, out: StepOutput) -> list[Request]:
+        """Shard d's rows are rows [d * R, (d + 1) * R) of the step's outputs, its scores tokens
+        [d * N, (d + 1) * N)."""
+        r, n = len(out.num_new) // len(self.shards), plan.layout.num_tokens
+        touched = []
+        for d, (s, sub) in enumerate(zip(self.shards, plan.shards)):
+            rows = slice(d * r, (d + 1) * r)
+            scores = None if out.scores is None else Scores(*(a[d * n:(d + 1) * n] for a in dataclasses.astuple(out.scores)))
+            touched += s.update(sub, StepOutput(out.tokens[rows], out.num_new[rows], out.logprobs[rows],
+                                                None if out.drafts is None else out.drafts[rows], scores))
+        return touched
+
+    def layouts(self, scores: bool = False) -> list[Layout]:
+        """Every union of as many shards' layouts as there are shards (what warmup compiles)."""
+        one = self.shards[0].layouts(scores)
+        out = set(one)
+        for _ in range(len(self.shards) - 1):
+            grown = {a.union(b) for a in out for b in one} | out
+            if grown == out:
+                break
+            out = grown
+        return sorted(out, key=dataclasses.astuple)

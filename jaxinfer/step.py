@@ -175,14 +175,37 @@ def step(graphdef, param_def, param_leaves, cache: PagedKVCache, ints, floats, p
             jnp.pad(out_logprobs, ((0, pad), (0, 0))), proposals, scores)
 
 
+def data_parallel(fn, mesh):
+    """`step` as one step per shard of the mesh's `data` axis, in one program: shard d gets
+    part d of the plan buffers and of `prev_tokens`, its range of cache pages (the host wrote
+    local page ids and slots) and its rows of every output, so it runs exactly the step a single
+    engine would over its own requests. Weights stay split over `model` (left to XLA inside)."""
+    from jax.sharding import PartitionSpec as P
+
+    rows, pages = P("data"), PagedKVCache(P(None, None, "data"), P(None, None, "data"))
+
+    def sharded(param_leaves, cache, ints, floats, prev_tokens, draft_leaves=None, draft=None, *, layout):
+        everywhere = partial(jax.tree.map, lambda _: P())
+        draft_spec = None if draft is None else (pages, rows)
+        in_specs = (everywhere(param_leaves), pages, rows, rows, rows, everywhere(draft_leaves), draft_spec)
+        out_specs = (pages, draft_spec, rows, rows, rows, rows, rows, (rows, rows, rows))
+        return jax.shard_map(partial(fn, layout=layout), mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                             axis_names={"data"}, check_vma=False)(
+            param_leaves, cache, ints, floats, prev_tokens, draft_leaves, draft)
+    return sharded
+
+
 @functools.cache
 def compile_step(graphdef, param_def, attention_impl: str = "auto", out_shardings=None, draft_graphdef=None,
-                 draft_param_def=None, num_top_logprobs: int = 0):
+                 draft_param_def=None, num_top_logprobs: int = 0, data_mesh=None):
     """The jitted step (one executable per Layout, the static argument); the caches are donated.
     Cached, so engines over the same model structure share compilations. On a mesh,
-    `out_shardings` pins the outputs so the donated cache keeps its layout from step to step."""
+    `out_shardings` pins the outputs so the donated cache keeps its layout from step to step;
+    `data_mesh` (a mesh whose `data` axis has several shards) runs it data-parallel."""
     fn = partial(step, graphdef, param_def, attention_impl=attention_impl, draft_graphdef=draft_graphdef,
                  draft_param_def=draft_param_def, num_top_logprobs=num_top_logprobs)
+    if data_mesh is not None:
+        fn = data_parallel(fn, data_mesh)
     kw = {} if out_shardings is None else {"out_shardings": out_shardings}
     return jax.jit(fn, donate_argnums=(1, 6), static_argnames=("layout",), **kw)
 

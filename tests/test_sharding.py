@@ -49,3 +49,55 @@ def test_indivisible_axes_stay_replicated():
     assert shardings["wq"].spec == jax.sharding.PartitionSpec(None, None, "model", None)
     with pytest.raises(ValueError, match="needs 16 devices"):
         make_mesh(4, 4)
+
+
+def dp_workload(n, seed):
+    """n requests, half sharing an 8-token prefix (two pages), greedy and seeded alternately."""
+    rng = np.random.default_rng(seed)
+    shared = np.random.default_rng(0).integers(0, 256, 8).tolist()
+    ps = [(shared if i % 2 else []) + rng.integers(0, 256, 1 + i % 7).tolist() for i in range(n)]
+    cfgs = [SamplingConfig(max_new_tokens=8, temperature=0.8 if i % 3 else 0.0, seed=i) for i in range(n)]
+    return ps, cfgs
+
+
+def dp_engine(mesh, num_pages):
+    return Engine(model(), None, EngineConfig(**{**ENGINE.__dict__, "mesh": mesh, "num_pages": num_pages}))
+
+
+def drive(e):
+    """Two waves: eight requests at once, then four more that reuse the first wave's prefix."""
+    done, served = [], []
+    for n, seed in ((8, 1), (4, 2)):
+        ids = [e.add_request(p, c) for p, c in zip(*dp_workload(n, seed))]
+        served.append([len(s.requests) for s in getattr(e.scheduler, "shards", [e.scheduler])])
+        e.run_until_done()
+        done += [e.completion(i) for i in ids]
+    return done, served
+
+
+def run_routed(mesh, num_pages):
+    e = dp_engine(mesh, num_pages)
+    return *drive(e), e
+
+
+@pytest.mark.parametrize("mesh", [(2, 4), (4, 2)])
+def test_data_parallel_shards_split_pages_and_requests_and_give_the_single_device_tokens(mesh):
+    want, _, _ = run_routed((1, 1), 64)
+    got, served, e = run_routed(mesh, 32)  # 32 / data pages per shard: requests preempt each other
+    assert [c.tokens for c in got] == [c.tokens for c in want]
+    assert all(c.error is None for c in got)
+    assert served[0] == [8 // mesh[0]] * mesh[0], served  # the router balanced the load
+    assert e.scheduler.num_preemptions > 0 and sum(c.num_cached_tokens for c in got[8:]) > 0
+    # the cache's pages really are split over `data` (and KV heads over `model`)
+    assert e.cache.k.sharding.spec[1:3] == ("model", "data")
+    assert e.cache.k.addressable_shards[0].data.shape[2] == 32 // mesh[0]
+    assert (e.scheduler.alloc.refcount == 0).all() and e.scheduler.alloc.num_pages == 32
+
+
+def test_bad_meshes_say_what_is_wrong():
+    with pytest.raises(ValueError, match="does not divide the 8 query heads.*1, 2, 4, 8"):
+        Engine(model(), None, EngineConfig(**{**ENGINE.__dict__, "mesh": (1, 3)}))
+    with pytest.raises(ValueError, match="num_pages=30 does not split over the mesh's 4 data shards.*28"):
+        Engine(model(), None, EngineConfig(**{**ENGINE.__dict__, "mesh": (4, 2), "num_pages": 30}))
+    with pytest.raises(ValueError, match=r"needs 9 devices; 8 are available"):
+        make_mesh(3, 3)

@@ -416,4 +416,32 @@ def _compile_rows(spec):
     return rows, []
 
 
-KINDS = {"decode": decode, "serve": serve, "quality": quality, "speculative": speculative, "compile": compile_proofs}
+def pods(run, ctx: Context):
+    """Full-size serving steps for TPU slices (compiled) and one H200 (lowered): per-chip memory
+    and the roofline of XLA's cost analysis (jaxinfer.pods), one row per target and cell."""
+    import jax
+    from tqdm import tqdm
+
+    from jaxinfer import pods as p
+
+    spec = ctx.spec
+    cells = [(t, 64, 2048, True) for t in spec.pod_targets]
+    cells += [(t, b, c, False) for t in spec.pod_grid for c in spec.contexts for b in spec.batches]
+    cache_was = jax.config.jax_enable_compilation_cache  # real compile times, as in compile_proofs
+    jax.config.update("jax_enable_compilation_cache", False)
+    rows = []
+    try:
+        for target, batch, context, memory in tqdm(cells, desc="pods", unit="step"):
+            labels = {"target": target, "case": f"{'full size ' if memory else ''}B={batch} ctx={context}"}
+            if not p.fits(target, batch, context):  # by size alone: nothing to compile
+                rows.append(labels | {"fits": False})
+                continue
+            row = p.analyse(target, batch, context, memory=memory)
+            rows.append(labels | {k: v for k, v in row.items() if k not in ("target",)})
+    finally:
+        jax.config.update("jax_enable_compilation_cache", cache_was)
+    return rows, []
+
+
+KINDS = {"decode": decode, "serve": serve, "quality": quality, "speculative": speculative, "compile": compile_proofs,
+         "pods": pods}

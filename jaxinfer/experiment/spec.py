@@ -28,7 +28,7 @@ PEERS = ("transformers", "openvino", "llama.cpp")
 PRECISIONS = {"transformers": ("float32",), "openvino": ("float32", "int8", "int4"),
               "llama.cpp": ("float32", "int8", "int4")}
 
-KINDS = ("decode", "serve", "quality", "speculative", "compile")
+KINDS = ("decode", "serve", "quality", "speculative", "compile", "pods")
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,13 @@ class ExperimentSpec:
     cases: tuple[str, ...] = ()
     cuda: bool = True
     small_model: bool = False  # compile: the small step model instead of the 8B-like layers
+    # pods (jaxinfer.pods): SLICE:MODEL:DATAxMODEL targets compiled at full size (memory and cost at
+    # batch 64, context 2048), and targets predicted over the grid of batches x contexts
+    pod_targets: tuple[str, ...] = ("v5e-8:llama3-8b:1x8", "v6e-8:llama3-8b:1x8", "v5p-8:llama3-8b:1x4",
+                                    "v5p-32:llama3-70b:2x8", "h200:llama3-8b:1x1")
+    pod_grid: tuple[str, ...] = ("v5e-8:llama2-7b:1x8", "h200:llama3-8b:1x1")
+    batches: tuple[int, ...] = (1, 8, 32, 64, 96, 128, 256)
+    contexts: tuple[int, ...] = (1024, 2048, 4096, 8192)
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -103,6 +110,11 @@ class ExperimentSpec:
                 close = difflib.get_close_matches(p, PEERS, n=1)
                 raise ValueError(f"experiment.peers: '{p}' is not a peer; choose from {', '.join(PEERS)}"
                                  + (f" (did you mean '{close[0]}'?)" if close else ""))
+        if self.kind == "pods":
+            from jaxinfer.pods import parse_target
+
+            for t in self.pod_targets + self.pod_grid:
+                parse_target(t)
         if self.peers and self.kind != "decode":
             raise ValueError(f"experiment.peers: only the decode kind times peers, not {self.kind}")
         lengths = {k: len(v) for k, v in self.zip.items()}
