@@ -246,6 +246,8 @@ class Engine:
 
     # ---- the loop -------------------------------------------------------------------------------
     def _dispatch(self, plan: StepPlan):
+        if self._closed:
+            raise RuntimeError("this engine was closed (Engine.close): the other processes no longer follow it")
         ints, floats = pack_plan(plan)
         freed = plan.freed_pages if self.cfg.debug_poison_freed_pages else []
         if self._channel is not None:  # the other processes run the same step (jaxinfer.distributed)
@@ -294,7 +296,9 @@ class Engine:
     def close(self) -> None:
         """Process 0 of several: releases the followers (their Engine.follow returns). Idempotent;
         nothing to do for one process."""
-        if self._channel is not None and self.is_leader and not self._closed:
+        if self._channel is None or not self.is_leader or self._closed:
+            return
+        with self._stepping:  # after a step another thread may be running
             self._channel.send("stop")
             self._closed = True
 

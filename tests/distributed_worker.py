@@ -19,7 +19,7 @@ from jaxinfer.config import DistributedConfig  # noqa: E402
 
 def main(pid, num, port, data, model, num_pages, out):
     distributed.initialize(DistributedConfig(f"127.0.0.1:{port}", int(num), int(pid), timeout_s=60,
-                                             heartbeat_timeout_s=5))
+                                             heartbeat_timeout_s=10))
     import test_sharding
 
     e = test_sharding.dp_engine((int(data), int(model)), int(num_pages))

@@ -166,10 +166,33 @@ def test_cpu_kernel_without_a_compiler_says_so(monkeypatch, tmp_path):
         cpu.build.cache_clear()
 
 
+@pytest.mark.parametrize("k,group,asym", [(172, 32, False), (172, 128, True), (100, 64, False)])
+def test_any_feature_count_gets_a_padded_last_group(k, group, asym):
+    """K that no group size divides (an FFN of 172): the last group is padded with copies of the
+    last row, so every real weight still round-trips within half a step of its group's scale, and
+    x @ W over the K real features equals the dense dot; the reference, the CPU kernel and the
+    dispatcher agree."""
+    from jaxinfer.kernels.quant_matmul import cpu, reference
+
+    w = jax.random.normal(jax.random.key(k), (k, 40)) * 0.05
+    q = quantize(w, 4, group, asym)
+    k_pad = -(-k // group) * group
+    assert q.shape == (k_pad, 40) and q.values.shape == (k_pad // 2, 40) and q.scales.shape == (k_pad // group, 40)
+    step = np.repeat(np.asarray(q.scales), group, axis=0)[:k]
+    err = np.abs(np.asarray(dequantize(q))[:k] - np.asarray(w))
+    assert (err <= step / 2 + 1e-6).all()
+    x = jax.random.normal(jax.random.key(1), (3, k))
+    want = np.asarray(x @ dequantize(q)[:k])
+    for got in (reference.quant_matmul(x, q), cpu.quant_matmul(x, q), quant_matmul(x, q)):
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    with pytest.raises(ValueError, match=f"x has {k - group} features but the weight expects K={k_pad}"):
+        quant_matmul(x[:, : k - group], q)
+
+
 def test_bad_shapes_name_the_constraint():
     w = jnp.ones((96, 8))
-    with pytest.raises(ValueError, match="int4 needs group_size in \\(32, 64, 128\\) dividing K=96; got 64"):
-        quantize(w, 4, 64)
+    with pytest.raises(ValueError, match="int4 group_size=48: use one of 32, 64, 128"):
+        quantize(w, 4, 48)
     with pytest.raises(ValueError, match="bits=3"):
         quantize(w, 3)
     with pytest.raises(ValueError, match="weight expects K=96"):

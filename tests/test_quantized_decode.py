@@ -84,8 +84,22 @@ def test_quantized_weights_are_stored_as_int8_and_packed_int4():
 def test_bad_quantization_settings_name_the_fix():
     with pytest.raises(ValueError, match="model.quant_lm_head='int2' is not supported; use none, int8 or int4"):
         quantize_model(base(), "none", 32, "cpu", lm_head="int2")
-    with pytest.raises(ValueError, match="quant_lm_head=int4 needs quant_group_size in 32, 64, 128 dividing hidden_size=96"):
-        quantize_model(base(), "none", 64, "cpu", lm_head="int4")
+    with pytest.raises(ValueError, match="quant_lm_head=int4 needs quant_group_size in 32, 64, 128; got 48"):
+        quantize_model(base(), "none", 48, "cpu", lm_head="int4")
     tied = init_model(ModelConfig(**{**CFG.__dict__, "tie_embeddings": True}), 0)
     with pytest.raises(ValueError, match="quant_embed with tied embeddings.*set quant_lm_head: int8"):
         quantize_model(tied, "int8", 32, "cpu", embed=True)
+
+
+def test_int4_quantizes_any_feature_count_by_padding_the_last_group():
+    """hidden 96, heads x head_dim 160 and an FFN of 172 with groups of 64 (none divides): every
+    layer quantizes (its last group padded), the CPU kernel gives the reference's tokens in the
+    engine and in generate(), and the compiled step still reads no float copy of a weight."""
+    odd = init_model(ModelConfig(**{**CFG.__dict__, "ffw_size": 172}), 0)
+    model = quantize_model(odd, "int4", 64, "cpu", lm_head="int4")
+    assert model.params["w_down"][0][...].shape == (96, 96)  # 172 rows padded to 192, two a byte
+    assert model.params["w_up"][0][...].shape == (64, 172)  # 96 rows padded to 128
+    got, engine = engine_run(model)
+    assert float_weight_copies(model, engine.step_hlo()) == []
+    assert generator_run(model)[0] == got
+    assert engine_run(quantize_model(odd, "int4", 64, "reference", lm_head="int4"))[0] == got

@@ -101,3 +101,20 @@ def test_bad_meshes_say_what_is_wrong():
         Engine(model(), None, EngineConfig(**{**ENGINE.__dict__, "mesh": (4, 2), "num_pages": 30}))
     with pytest.raises(ValueError, match=r"needs 9 devices; 8 are available"):
         make_mesh(3, 3)
+
+
+def test_data_parallel_speculation_and_scoring_equal_one_device():
+    """The draft model's cache and proposals split over `data` like the target's: greedy tokens
+    equal plain decoding; prompt scores (sliced per shard) equal one full forward."""
+    import test_scoring
+    from test_speculative import GREEDY, assert_equals_dense, repetitive, spec_engine
+
+    ps = repetitive([3, 9, 1, 12])
+    e = spec_engine("draft", mesh=(2, 2), num_pages=48)
+    done = e.generate(ps, GREEDY)
+    assert_equals_dense(done, ps)
+    assert sum(c.num_accepted for c in done) > 0
+    scorer = Engine(test_scoring.model(), None, EngineConfig(**{**test_scoring.ENGINE.__dict__, "mesh": (2, 1)}))
+    for p, scored in zip(ps, scorer.score(ps)):
+        want = test_scoring.reference(p)
+        np.testing.assert_allclose(scored.logprobs[1:], want[np.arange(len(p) - 1), p[1:]], atol=test_scoring.TOL)

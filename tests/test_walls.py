@@ -9,7 +9,7 @@ import pytest
 
 PKG = Path(__file__).parents[1] / "jaxinfer"
 HOST_MODULES = ["tokenizer", "config", "scheduler", "metrics", "corpus", "experiment.spec", "experiment.report",
-                "scoring", "serve.protocol", "serve.client"]
+                "scoring", "serve.protocol", "serve.client", "chips"]
 DEVICE_LIBS = {"jax", "jaxlib", "flax", "optax", "orbax", "chex"}
 
 

@@ -27,7 +27,7 @@ FORMATS = {
     "slo_attainment": ("SLO met", "{:.0%}"), "preemptions": ("preemptions", "{:.0f}"),
     "temp_mib": ("temp MiB", "{:.1f}"), "gb_moved": ("GB moved", "{:.3f}"), "est_us": ("est. us", "{:.1f}"),
     "kernels": ("kernels", "{:.0f}"),
-    "fits": ("fits HBM", "{}"), "hbm_used_gb": ("GB / chip", "{:.2f}"), "max_seqs_at_context": ("max seqs", "{:.0f}"),
+    "fits": ("fits HBM", "{}"), "hbm_used_gb": ("GB / chip", "{:.2f}"), "max_kv_tokens": ("max KV tokens", "{:,.0f}"),
     "gflops_chip": ("GFLOP / chip", "{:.1f}"), "gb_moved_chip": ("GB moved / chip", "{:.2f}"),
     "min_gb_chip": ("GB needed / chip", "{:.2f}"), "bound": ("bound by", "{}"),
     "floor_tok_s": ("tok/s at GB needed", "{:.0f}"), "published_tok_s": ("published tok/s", "{:.0f}"),
@@ -44,7 +44,7 @@ DEFAULT_COLUMNS = {
     "speculative": ("tok_s", "spec_per_token_acceptance", "spec_mean_accepted_length", "predicted_speedup",
                     "pct_of_bound", "usd_per_1m"),
     "compile": ("compile_s", "temp_mib", "gb_moved", "est_us", "kernels"),
-    "pods": ("fits", "hbm_used_gb", "max_seqs_at_context", "gflops_chip", "gb_moved_chip", "min_gb_chip", "bound",
+    "pods": ("fits", "hbm_used_gb", "max_kv_tokens", "gflops_chip", "gb_moved_chip", "min_gb_chip", "bound",
              "step_ms", "tok_s", "floor_tok_s", "published_tok_s"),
 }
 ROW_LABELS = ("mode", "decoder", "target", "case")  # labels a kind puts on its rows (a run may give several)

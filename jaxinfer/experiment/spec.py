@@ -111,7 +111,7 @@ class ExperimentSpec:
                 raise ValueError(f"experiment.peers: '{p}' is not a peer; choose from {', '.join(PEERS)}"
                                  + (f" (did you mean '{close[0]}'?)" if close else ""))
         if self.kind == "pods":
-            from jaxinfer.pods import parse_target
+            from jaxinfer.chips import parse_target
 
             for t in self.pod_targets + self.pod_grid:
                 parse_target(t)

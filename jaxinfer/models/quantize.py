@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxinfer.kernels.quant_matmul import quantize
+from jaxinfer.kernels.quant_matmul.reference import GROUP_SIZES
 from jaxinfer.models import Model
 from jaxinfer.models.llama import Transformer
 
@@ -26,9 +27,9 @@ def check(cfg) -> None:
     """Raises if cfg.quant / quant_lm_head / quant_group_size cannot apply to this model's shapes."""
     if cfg.quant_lm_head != "none" and cfg.quant_lm_head not in BITS:
         raise ValueError(f"model.quant_lm_head='{cfg.quant_lm_head}' is not supported; use none, int8 or int4")
-    if cfg.quant_lm_head == "int4" and (cfg.quant_group_size not in (32, 64, 128) or cfg.hidden_size % cfg.quant_group_size):
-        raise ValueError(f"model.quant_lm_head=int4 needs quant_group_size in 32, 64, 128 dividing "
-                         f"hidden_size={cfg.hidden_size}; got {cfg.quant_group_size}")
+    if cfg.quant_lm_head == "int4" and cfg.quant_group_size not in GROUP_SIZES:
+        raise ValueError(f"model.quant_lm_head=int4 needs quant_group_size in {', '.join(map(str, GROUP_SIZES))}; "
+                         f"got {cfg.quant_group_size}")
     if cfg.quant_embed and cfg.tie_embeddings and cfg.quant_lm_head == "none":
         raise ValueError("model.quant_embed with tied embeddings: the LM head reads the same table, so it needs "
                          "model.quant_lm_head (int8 or int4) to get its own copy; set quant_lm_head: int8")
@@ -41,16 +42,11 @@ def check(cfg) -> None:
     if cfg.quant_asymmetric and cfg.quant != "int4":
         raise ValueError(f"model.quant_asymmetric is for int4 only (model.quant={cfg.quant}): int8 is symmetric "
                          "per output channel")
-    if cfg.quant == "int4":
-        g = cfg.quant_group_size
-        inputs = {"hidden_size": cfg.hidden_size, "num_q_heads * head_dim": cfg.num_q_heads * cfg.head_dim,
-                  "ffw_size": cfg.ffw_size}
-        if g not in (32, 64, 128):
-            raise ValueError(f"model.quant_group_size={g}: int4 groups are 32, 64 or 128")
-        for what, size in inputs.items():
-            if size % g:
-                raise ValueError(f"model.quant=int4 with quant_group_size={g}: {what}={size} is not a multiple "
-                                 "of the group size; pick a group size that divides it")
+    if cfg.quant == "int4" and cfg.quant_group_size not in GROUP_SIZES:
+        # Any feature count works: a layer whose inputs the group size does not divide (an FFN of
+        # 172) gets a padded last group (kernels.quant_matmul.reference).
+        raise ValueError(f"model.quant_group_size={cfg.quant_group_size}: int4 groups are "
+                         f"{', '.join(map(str, GROUP_SIZES))}")
 
 
 def quantize_model(model: Model, quant: str, group_size: int = 128, matmul_impl: str = "auto",

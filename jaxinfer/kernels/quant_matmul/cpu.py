@@ -110,7 +110,7 @@ def float_unsupported(x, w) -> str | None:
 
 def quant_matmul(x, q: QuantArray):
     """x [..., K] float32 @ W -> [..., N] float32."""
-    check_features(x, q)
+    x = check_features(x, q)
     register()
     k, n = q.shape
     x2 = x.reshape(-1, k)

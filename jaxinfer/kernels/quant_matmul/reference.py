@@ -6,6 +6,10 @@
   values uint8 [K // 2, N], scales [K // group_size, N]. Symmetric: nibbles are signed (-8..7)
   and w = v * s. Asymmetric (`offsets` [K // group_size, N], each group's minimum): nibbles are
   unsigned (0..15) and w = v * s + offset, which spends all 16 levels on the group's range.
+  Any K: when the group size does not divide K, the last group is padded to a whole group with
+  copies of W's last row (so its range, and the scale, are W's own) and the weight stores
+  K_pad = ceil(K / group_size) * group_size rows; x's K features are padded with zeros to K_pad
+  (`check_features`), so the padded rows add nothing to x @ W.
 The reference dequantizes, then dots with float32 accumulation.
 """
 
@@ -32,6 +36,14 @@ class QuantArray:
         return k, self.values.shape[1]
 
 
+GROUP_SIZES = (32, 64, 128)  # int4 group sizes (the TPU and GPU kernels' tiles assume them)
+
+
+def padded_features(k: int, bits: int, group_size: int) -> int:
+    """The rows a quantized weight of K input features stores (int4: K rounded up to whole groups)."""
+    return -(-k // group_size) * group_size if bits == 4 and group_size else k
+
+
 def quantize(w, bits: int = 8, group_size: int = 0, asymmetric: bool = False) -> QuantArray:
     """w [K, N] float -> QuantArray. int8: per output channel; int4: groups of `group_size` rows,
     symmetric or (`asymmetric`) with a per-group offset."""
@@ -43,9 +55,13 @@ def quantize(w, bits: int = 8, group_size: int = 0, asymmetric: bool = False) ->
             raise ValueError(f"int8 weights are per output channel: group_size={group_size} must be 0")
         group = k
     elif bits == 4:
-        if group_size not in (32, 64, 128) or k % group_size:
-            raise ValueError(f"int4 needs group_size in (32, 64, 128) dividing K={k}; got {group_size}")
+        if group_size not in GROUP_SIZES:
+            raise ValueError(f"int4 group_size={group_size}: use one of {', '.join(map(str, GROUP_SIZES))} (a K "
+                             "that it does not divide gets a padded last group)")
         group = group_size
+        if k % group:  # pad the last group with copies of the last row (x's zero padding cancels them)
+            w = jnp.pad(w, ((0, -k % group), (0, 0)), mode="edge")
+            k = w.shape[0]
     else:
         raise ValueError(f"bits={bits}: only 8 and 4 are supported")
     wg = w.astype(jnp.float32).reshape(k // group, group, n)
@@ -94,13 +110,19 @@ def cost(x2, q: QuantArray):
                            bytes_accessed=weight_bytes + (x2.size + m * n) * x2.dtype.itemsize)
 
 
-def check_features(x, q: QuantArray) -> None:
-    if x.shape[-1] != q.shape[0]:
-        raise ValueError(f"x has {x.shape[-1]} features but the weight expects K={q.shape[0]}")
+def check_features(x, q: QuantArray):
+    """x with its features padded with zeros to the weight's K (an int4 weight whose last group
+    was padded stores more rows than x has features); ValueError if they cannot match."""
+    k, have = q.shape[0], x.shape[-1]
+    if have == k:
+        return x
+    if q.bits == 4 and q.group_size and have < k and padded_features(have, 4, q.group_size) == k:
+        return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, k - have)])
+    raise ValueError(f"x has {have} features but the weight expects K={k}")
 
 
 def quant_matmul(x, q: QuantArray):
     """x [..., K] (f32/bf16) @ W -> [..., N] in x's dtype, float32 accumulation."""
-    check_features(x, q)
+    x = check_features(x, q)
     out = jnp.einsum("...k,kn->...n", x, dequantize(q, x.dtype), preferred_element_type=jnp.float32)
     return out.astype(x.dtype)

@@ -85,7 +85,7 @@ def _int4_kernel(xe_ref, xo_ref, w_ref, s_ref, *rest):
 
 def quant_matmul(x, q: QuantArray, *, interpret=False):
     """The reference's contract: x [..., K] @ W -> [..., N] in x's dtype, float32 accumulation."""
-    check_features(x, q)
+    x = check_features(x, q)
     if why := unsupported(x, q):
         raise ValueError(f"matmul_impl 'tpu': {why}")
     lead, (k, n) = x.shape[:-1], q.shape
