@@ -32,19 +32,49 @@ class DenseKVCache:
                             self.v.at[layer, rows, positions].set(v.astype(self.v.dtype), mode="drop"))
 
 
+# engine.kv_cache_dtype values stored quantized: (page dtype, largest magnitude it holds)
+QUANTIZED_KV = {"int8": (jnp.int8, 127.0), "fp8_e4m3": (jnp.float8_e4m3fn, 448.0)}
+
+
+def quantize_kv(x, dtype):
+    """x [..., H] float -> (values of `dtype` [..., H], float32 scales [...]): symmetric, one scale
+    per position and kv head (the kernels' int8 format; fp8 the same with e4m3's range)."""
+    qmax = {jnp.dtype(d): m for d, m in QUANTIZED_KV.values()}[jnp.dtype(dtype)]
+    x32 = x.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(x32), axis=-1)
+    scales = jnp.where(amax == 0, 1.0, amax / qmax)
+    y = x32 / scales[..., None]
+    if jnp.issubdtype(dtype, jnp.integer):
+        y = jnp.clip(jnp.round(y), -qmax, qmax)
+    return y.astype(dtype), scales
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class PagedKVCache:
     """Pages of C positions; a request owns a list of pages (its block table). Layer first: one
-    donated buffer; K second: sharded over KV heads on a `model` mesh axis."""
+    donated buffer; K second: sharded over KV heads on a `model` mesh axis. Quantized pages
+    (engine.kv_cache_dtype int8 / fp8_e4m3) hold values and a float32 scale per position and kv
+    head, written with the values (`write`); attention reads both."""
 
     k: jax.Array  # [L, K, P, C, H]
     v: jax.Array  # [L, K, P, C, H]
+    k_scale: jax.Array | None = None  # [L, K, P, C] float32, quantized pages only
+    v_scale: jax.Array | None = None
 
     @classmethod
     def zeros(cls, num_layers, num_kv_heads, num_pages, page_size, head_dim, dtype) -> "PagedKVCache":
+        """dtype: a float dtype, or a name in QUANTIZED_KV (values plus scales)."""
         shape = (num_layers, num_kv_heads, num_pages, page_size, head_dim)
+        if isinstance(dtype, str) and dtype in QUANTIZED_KV:
+            values = QUANTIZED_KV[dtype][0]  # four buffers (the step donates each)
+            return cls(jnp.zeros(shape, values), jnp.zeros(shape, values), jnp.ones(shape[:-1], jnp.float32),
+                       jnp.ones(shape[:-1], jnp.float32))
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+    @property
+    def quantized(self) -> bool:
+        return self.k_scale is not None
 
     @property
     def num_pages(self) -> int:
@@ -54,14 +84,34 @@ class PagedKVCache:
     def page_size(self) -> int:
         return self.k.shape[3]
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the pool: values and scales."""
+        return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(self))
+
     def write(self, layer, k, v, slots) -> "PagedKVCache":
         """k, v: [N, K, H] for flat slots [N] (page * C + offset). Padding uses slot P * C, which
         lands on page P: out of range, dropped (an index of -1 would wrap onto the last page)."""
         page, offset = slots // self.page_size, slots % self.page_size
-        return PagedKVCache(self.k.at[layer, :, page, offset].set(k.astype(self.k.dtype), mode="drop"),
-                            self.v.at[layer, :, page, offset].set(v.astype(self.v.dtype), mode="drop"))
+        at = (layer, slice(None), page, offset)
+        if not self.quantized:
+            return PagedKVCache(self.k.at[at].set(k.astype(self.k.dtype), mode="drop"),
+                                self.v.at[at].set(v.astype(self.v.dtype), mode="drop"))
+        (kq, ks), (vq, vs) = quantize_kv(k, self.k.dtype), quantize_kv(v, self.v.dtype)
+        return PagedKVCache(self.k.at[at].set(kq, mode="drop"), self.v.at[at].set(vq, mode="drop"),
+                            self.k_scale.at[at].set(ks, mode="drop"), self.v_scale.at[at].set(vs, mode="drop"))
+
+    def layer(self, layer) -> tuple:
+        """(k pages, v pages, k scales, v scales) of one layer: [K, P, C, H] twice, [K, P, C] or None."""
+        if not self.quantized:
+            return self.k[layer], self.v[layer], None, None
+        return self.k[layer], self.v[layer], self.k_scale[layer], self.v_scale[layer]
 
     def poison(self, pages) -> "PagedKVCache":
-        """Fills `pages` [n] with NaN (debug: proves freed pages are never read); P drops padding."""
+        """NaN into `pages` [n] (debug: proves freed pages are never read); P drops padding.
+        Quantized pages get NaN scales, so their values read as NaN."""
+        if self.quantized:
+            return dataclasses.replace(self, k_scale=self.k_scale.at[:, :, pages].set(jnp.nan, mode="drop"),
+                                       v_scale=self.v_scale.at[:, :, pages].set(jnp.nan, mode="drop"))
         return PagedKVCache(self.k.at[:, :, pages].set(jnp.nan, mode="drop"),
                             self.v.at[:, :, pages].set(jnp.nan, mode="drop"))

@@ -138,6 +138,9 @@ class SpeculativeConfig:
         return 0 if self.method == "none" else self.num_speculative_tokens
 
 
+KV_CACHE_DTYPES = ("auto", "bfloat16", "float32", "int8", "fp8_e4m3")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """The serving engine: paged KV cache, token budget, shape buckets and the switches that
@@ -146,6 +149,10 @@ class EngineConfig:
     page_size: int = 16  # C: positions per KV page
     num_pages: int | None = None  # P; None = kv_memory_fraction of free memory, else max_num_seqs full requests
     kv_memory_fraction: float = 0.0  # > 0: fill this fraction of free device memory with pages
+    kv_cache_bytes: int | None = None  # a fixed budget for the KV pool (per data shard): as many pages as fit
+    # What a KV page stores: auto (the model's dtype), bfloat16, float32, or quantized with a float32
+    # scale per position and kv head: int8, fp8_e4m3 (about half the bytes of bfloat16; lossy)
+    kv_cache_dtype: str = "auto"
     max_model_len: int = 2048  # per-request context limit (prompt + output), capped by the model's
     max_num_seqs: int = 32  # rows per step
     max_num_batched_tokens: int = 512  # token budget per step, decodes and prefill chunks together
@@ -178,6 +185,15 @@ class EngineConfig:
     def __post_init__(self):
         _at_least(self, 1, "page_size", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "max_step_records")
         _at_least(self, 0, "kv_memory_fraction", "max_finished_requests", "max_top_logprobs")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            close = difflib.get_close_matches(self.kv_cache_dtype, KV_CACHE_DTYPES, n=1)
+            raise ValueError(f"engine.kv_cache_dtype='{self.kv_cache_dtype}' is not supported; choose from "
+                             f"{', '.join(KV_CACHE_DTYPES)}" + (f" (did you mean '{close[0]}'?)" if close else ""))
+        if self.kv_cache_bytes is not None and self.kv_cache_bytes < 1:
+            raise ValueError(f"engine.kv_cache_bytes={self.kv_cache_bytes}: give a positive budget, or leave it unset")
+        if sum(x is not None and x != 0 for x in (self.num_pages, self.kv_cache_bytes, self.kv_memory_fraction or None)) > 1:
+            raise ValueError("engine.num_pages, engine.kv_cache_bytes and engine.kv_memory_fraction each size the KV "
+                             "pool: set one of them")
         if self.num_pages is not None and self.num_pages < 1:
             raise ValueError(f"engine.num_pages={self.num_pages}: the KV cache needs at least one page "
                              "(or leave it unset for room for max_num_seqs full requests)")

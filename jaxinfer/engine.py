@@ -122,15 +122,33 @@ def num_pages_for(cfg: EngineConfig, model: Model, max_model_len: int, num_shard
                              f"{cfg.num_pages // num_shards * num_shards or num_shards}")
         return cfg.num_pages // num_shards
     c, m = cfg.page_size, model.cfg
+    per_page = page_bytes(cfg, model)
+    if cfg.kv_cache_bytes is not None:
+        return cfg.kv_cache_bytes // per_page
     if cfg.kv_memory_fraction > 0:
         stats = jax.devices()[0].memory_stats() or {}
         if "bytes_limit" not in stats:
             raise ValueError(f"engine.kv_memory_fraction={cfg.kv_memory_fraction}: {jax.devices()[0].platform} "
-                             "reports no memory limit; set engine.num_pages instead")
+                             "reports no memory limit; set engine.num_pages or engine.kv_cache_bytes instead")
         free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
-        per_page = 2 * m.num_layers * m.num_kv_heads * c * m.head_dim * jnp.dtype(dtype_of(m.dtype)).itemsize
         return int(free * cfg.kv_memory_fraction) // per_page
     return cfg.max_num_seqs * -(-max_model_len // c)
+
+
+def kv_dtype(cfg: EngineConfig, model: Model):
+    """The KV pages' dtype: a float dtype, or the name of a quantized format (cache.QUANTIZED_KV)."""
+    if cfg.kv_cache_dtype == "auto":
+        return dtype_of(model.cfg.dtype)
+    return dtype_of(cfg.kv_cache_dtype) if cfg.kv_cache_dtype in ("bfloat16", "float32") else cfg.kv_cache_dtype
+
+
+def page_bytes(cfg: EngineConfig, model: Model) -> int:
+    """Bytes of one KV page of every layer (k and v; quantized pages with their float32 scales)."""
+    from jaxinfer.cache import QUANTIZED_KV
+
+    m, dt = model.cfg, kv_dtype(cfg, model)
+    value = jnp.dtype(QUANTIZED_KV[dt][0] if isinstance(dt, str) else dt).itemsize
+    return 2 * m.num_layers * m.num_kv_heads * cfg.page_size * (m.head_dim * value + (4 if isinstance(dt, str) else 0))
 
 
 class Engine:
@@ -158,8 +176,10 @@ class Engine:
         self.num_shards = cfg.mesh[0] if cfg.mesh else 1
         pages_per_shard = num_pages_for(cfg, model, self.max_model_len, self.num_shards)
         if pages_per_shard <= 0:
-            raise ValueError(f"engine.kv_memory_fraction={cfg.kv_memory_fraction} gives {pages_per_shard} KV pages: "
-                             "the cache needs at least one; raise it or set engine.num_pages")
+            why = (f"engine.kv_cache_bytes={cfg.kv_cache_bytes}" if cfg.kv_cache_bytes is not None else
+                   f"engine.kv_memory_fraction={cfg.kv_memory_fraction}")
+            raise ValueError(f"{why} gives {pages_per_shard} KV pages of {page_bytes(cfg, model)} bytes: the cache "
+                             "needs at least one; raise it or set engine.num_pages")
         self.num_pages = num_pages = pages_per_shard * self.num_shards
         self.params, self.mesh, self._out_shardings, self._batch_sharding = model.params, None, None, None
         self.draft_params = None if draft is None else draft.params
@@ -351,9 +371,17 @@ class Engine:
         return touched, wait
 
     def _zero_cache(self, model: Model | None = None) -> PagedKVCache:
-        m = (model or self.model).cfg
+        model = model or self.model
+        m = model.cfg
         return PagedKVCache.zeros(m.num_layers, m.num_kv_heads, self.num_pages, self.cfg.page_size, m.head_dim,
-                                  dtype_of(m.dtype))
+                                  kv_dtype(self.cfg, model))
+
+    def kv_cache_info(self) -> dict:
+        """What the allocated KV pool is: its dtype (as stored), bytes, pages and tokens it holds."""
+        c = self.cache
+        return {"kv_cache_dtype": self.cfg.kv_cache_dtype, "stored_dtype": str(c.k.dtype), "scales": c.quantized,
+                "bytes": c.nbytes, "num_pages": c.num_pages, "tokens": c.num_pages * c.page_size,
+                "bytes_per_token": c.nbytes / (c.num_pages * c.page_size)}
 
     def _init_device_state(self) -> None:
         """The KV cache and the previous-step token buffer, zeroed (and laid out on the mesh)."""

@@ -60,8 +60,8 @@ def param_shardings(params: nnx.State, mesh: Mesh):
 
 
 def cache_sharding(cache: PagedKVCache, mesh: Mesh) -> PagedKVCache:
-    s = NamedSharding(mesh, spec_for(cache.k.shape, CACHE_AXES, mesh))
-    return PagedKVCache(s, s)
+    """Values [L, K, P, C, H] and (quantized pages) scales [L, K, P, C] by CACHE_AXES."""
+    return jax.tree.map(lambda a: NamedSharding(mesh, spec_for(a.shape, CACHE_AXES[:a.ndim], mesh)), cache)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -65,7 +65,8 @@ def paged_attend(cache: PagedKVCache, layer, q, k, v, *, batch: StepBatch, layou
     """q [1, N, Nh, H], k/v [1, N, K, H] -> (cache with k/v written, attention output [1, N, Nh, H])."""
     cache = cache.write(layer, k[0], v[0], batch.slots)
     nh, h = q.shape[2:]
-    attend = partial(paged_attention, k_pages=cache.k[layer], v_pages=cache.v[layer],
+    k_pages, v_pages, k_scales, v_scales = cache.layer(layer)
+    attend = partial(paged_attention, k_pages=k_pages, v_pages=v_pages, k_scales=k_scales, v_scales=v_scales,
                      sliding_window=sliding_window, impl=impl)
     parts = []
     for g in layout.groups:
@@ -182,11 +183,12 @@ def data_parallel(fn, mesh):
     engine would over its own requests. Weights stay split over `model` (left to XLA inside)."""
     from jax.sharding import PartitionSpec as P
 
-    rows, pages = P("data"), PagedKVCache(P(None, None, "data"), P(None, None, "data"))
+    rows = P("data")
 
     def sharded(param_leaves, cache, ints, floats, prev_tokens, draft_leaves=None, draft=None, *, layout):
         everywhere = partial(jax.tree.map, lambda _: P())
-        draft_spec = None if draft is None else (pages, rows)
+        pages = jax.tree.map(lambda _: P(None, None, "data"), cache)  # values [L, K, P, C, H], scales [L, K, P, C]
+        draft_spec = None if draft is None else (jax.tree.map(lambda _: P(None, None, "data"), draft[0]), rows)
         in_specs = (everywhere(param_leaves), pages, rows, rows, rows, everywhere(draft_leaves), draft_spec)
         out_specs = (pages, draft_spec, rows, rows, rows, rows, rows, (rows, rows, rows))
         return jax.shard_map(partial(fn, layout=layout), mesh=mesh, in_specs=in_specs, out_specs=out_specs,

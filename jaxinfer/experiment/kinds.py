@@ -61,12 +61,14 @@ def device_price(prices: dict, device_kind: str) -> tuple[str | None, dict | Non
     return name, prices["devices"][name]
 
 
-def perf(row: dict, model, cfg: RunConfig, ctx: Context, steps, measured_s: float, output_tokens: int) -> dict:
-    """Adds the roofline and cost columns to a performance row: steps are (tokens, rows, kv tokens)."""
+def perf(row: dict, model, cfg: RunConfig, ctx: Context, steps, measured_s: float, output_tokens: int,
+         paged: bool = True) -> dict:
+    """Adds the roofline and cost columns to a performance row: steps are (tokens, rows, kv tokens).
+    `paged`: the run's KV lives in the engine's pages (engine.kv_cache_dtype), not a dense cache."""
     from jaxinfer.experiment.machine import as_machine, footprint
     from jaxinfer.metrics import Machine
 
-    fp = footprint(model)
+    fp = footprint(model, cfg.engine if paged else None)
     m = ctx.machine(model.cfg.dtype, fp.streamed_bytes)
     bound = run_bound(fp, as_machine(m), steps)
     row |= roofline_columns(bound, measured_s, output_tokens)
@@ -106,7 +108,7 @@ def _decode_speed(model, cfg: RunConfig, ctx: Context) -> dict:
            "step_ms": 1e3 * decode_s / max(len(steps), 1), "compile_s": first.timing.compile_s,
            "tok_s_repeats": [t.num_decoded / t.decode_s for t in timings]}
     ctx.cache["greedy_tokens"] = list(first.tokens[0])  # what a peer's first row is compared with
-    return perf(row, model, cfg, ctx, steps, decode_s, num_decoded)
+    return perf(row, model, cfg, ctx, steps, decode_s, num_decoded, paged=False)
 
 
 def _engine_decode_speed(model, tok, cfg: RunConfig, ctx: Context) -> dict:

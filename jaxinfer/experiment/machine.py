@@ -13,8 +13,11 @@ from jaxinfer.metrics import Footprint, Machine
 from jaxinfer.models import Model
 
 
-def footprint(model: Model) -> Footprint:
-    """Bytes and weights of one step of `model` (quantized weights counted as stored)."""
+def footprint(model: Model, engine_cfg=None) -> Footprint:
+    """Bytes and weights of one step of `model` (quantized weights counted as stored); the KV bytes
+    of a token as the engine's pages store them (engine.kv_cache_dtype), or in the model dtype."""
+    from jaxinfer.engine import page_bytes
+
     c = model.cfg
     p = model.params
     embed = p["embed"][...]
@@ -23,12 +26,13 @@ def footprint(model: Model) -> Footprint:
     head_params = c.vocab_size * c.hidden_size
     table = embed.size * embed.dtype.itemsize + c.vocab_size * row_scale
     untied = table if separate_head else 0  # the input table is read a row per token, not streamed
-    itemsize = jnp.dtype(c.dtype).itemsize  # the paged cache is kept in the model dtype
+    itemsize = jnp.dtype(c.dtype).itemsize  # a dense cache is kept in the model dtype
     layer_params = model.num_params - embed.size - (head_params if separate_head else 0)
     layer_params -= sum(p[n][...].size for n in ("lm_head_scale", "embed_scale") if n in p)
     return Footprint(streamed_bytes=model.param_bytes - untied,
                      embed_row_bytes=c.hidden_size * embed.dtype.itemsize + row_scale,
-                     kv_bytes_per_token=c.num_layers * 2 * c.num_kv_heads * c.head_dim * itemsize,
+                     kv_bytes_per_token=(c.num_layers * 2 * c.num_kv_heads * c.head_dim * itemsize
+                                         if engine_cfg is None else page_bytes(engine_cfg, model) // engine_cfg.page_size),
                      layer_params=layer_params, head_params=head_params)
 
 

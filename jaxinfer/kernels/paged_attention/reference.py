@@ -8,8 +8,8 @@ s <= its position, and s > its position - sliding_window. Query head n reads kv 
 n // (N // K) (GQA, as Hugging Face's repeat_kv). Scores are q.k / sqrt(H), then, with `soft_cap`,
 cap * tanh(score / cap).
 
-KV pages are float, or int8 with float32 scales `[K, P, C]` (one per position and kv head):
-the value is int8 * scale. Slots past kv_lens may hold anything, NaN included (recycled pages in
+KV pages are float, or quantized (int8, or fp8 e4m3 here in the reference) with float32 scales
+`[K, P, C]` (one per position and kv head): the value is stored * scale. Slots past kv_lens may hold anything, NaN included (recycled pages in
 debug mode): they are zeroed before use, so they never leak into the output. A query that sees
 nothing gets zeros.
 """
@@ -26,7 +26,7 @@ MASKED = -1e30  # finite, so a row that sees nothing averages zeros instead of p
 
 
 def dequantize_pages(pages, scales, dtype):
-    """int8 pages [K, P, C, H] * scales [K, P, C] -> dtype; float pages pass through (cast)."""
+    """quantized pages [K, ..., H] * scales [K, ...] -> dtype; float pages pass through (cast)."""
     if scales is None:
         return pages.astype(dtype)
     return (pages.astype(jnp.float32) * scales[..., None]).astype(dtype)
@@ -38,10 +38,11 @@ def paged_attention(q, k_pages, v_pages, block_table, kv_lens, q_positions, *, k
     block_table [B, W] int32; kv_lens [B] int32; q_positions [B, T] int32 -> [B, T, N, H] in q's dtype."""
     num_kv_heads, _, page_size, h = k_pages.shape
     s = block_table.shape[1] * page_size
-    k_pages = dequantize_pages(k_pages, k_scales, q.dtype)
-    v_pages = dequantize_pages(v_pages, v_scales, q.dtype)
-    k = rearrange(k_pages[:, block_table], "k b p c h -> b (p c) k h")  # [B, S, K, H]
-    v = rearrange(v_pages[:, block_table], "k b p c h -> b (p c) k h")
+
+    def gather(pages, scales):  # the rows' pages only, then dequantized: [B, S, K, H]
+        return rearrange(dequantize_pages(pages[:, block_table], None if scales is None else scales[:, block_table],
+                                          q.dtype), "k b p c h -> b (p c) k h")
+    k, v = gather(k_pages, k_scales), gather(v_pages, v_scales)
     kv_pos = jnp.arange(s, dtype=jnp.int32)
     valid = kv_pos[None, :] < kv_lens[:, None]  # [B, S]
     v = jnp.where(valid[:, :, None, None], v, 0)
