@@ -107,11 +107,11 @@ def attention_case(impl, *, rows=8, t=1, heads=32, kv_heads=8, head_dim=128, pag
                    dtype="bfloat16", kv="float", sliding_window=None, soft_cap=None):
     from jaxinfer.kernels.paged_attention import IMPLS
 
-    kv_dtype = "int8" if kv == "int8" else dtype
+    kv_dtype = {"int8": "int8", "fp8": "float8_e4m3fn"}.get(kv, dtype)
     args = [sds((rows, t, heads, head_dim), dtype), sds((kv_heads, pages, page_size, head_dim), kv_dtype),
             sds((kv_heads, pages, page_size, head_dim), kv_dtype), sds((rows, width), "int32"),
             sds((rows,), "int32"), sds((rows, t), "int32")]
-    if kv == "int8":
+    if kv in ("int8", "fp8"):
         args += [sds((kv_heads, pages, page_size), "float32")] * 2
 
     def fn(q, k, v, table, lens, pos, ks=None, vs=None):
@@ -171,6 +171,7 @@ def tpu_cases(model_cfg):
         "paged_attention prefill bf16 window+softcap": attention_case("tpu", rows=2, t=64, sliding_window=256,
                                                                       soft_cap=50.0),
         "paged_attention decode int8-kv": attention_case("tpu", kv="int8"),
+        "paged_attention decode fp8-kv": attention_case("tpu", kv="fp8"),
         "paged_attention decode f32": attention_case("tpu", dtype="float32"),
         "quant_matmul int8 m=1": matmul_case("tpu"),
         "quant_matmul int8 m=256": matmul_case("tpu", m=256),
@@ -188,6 +189,7 @@ def gpu_cases():
         "paged_attention prefill bf16 window+softcap": attention_case("gpu", rows=2, t=64, sliding_window=256,
                                                                       soft_cap=50.0),
         "paged_attention decode int8-kv": attention_case("gpu", kv="int8"),
+        "paged_attention decode fp8-kv": attention_case("gpu", kv="fp8"),
         "quant_matmul int8 m=1": matmul_case("gpu"),
         "quant_matmul int4/g128 m=1": matmul_case("gpu", bits=4, group_size=128),
         "quant_matmul int4/g32 m=64": matmul_case("gpu", m=64, bits=4, group_size=32),

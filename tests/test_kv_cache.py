@@ -89,10 +89,11 @@ def test_quantized_pages_keep_alone_batched_and_preempted_equal(kv):
     assert batched == alone == preempted
 
 
-def test_the_tpu_kernel_reads_the_engines_int8_pages_as_the_reference_does():
+@pytest.mark.parametrize("kv", ["int8", "fp8_e4m3"])
+def test_the_tpu_kernel_reads_the_engines_quantized_pages_as_the_reference_does(kv):
     ps, sampling = prompts([3, 17, 40, 9]), SamplingConfig(max_new_tokens=8)
-    want = engine(**KERNEL_BUCKETS, kv_cache_dtype="int8", attention_impl="reference").generate(ps, sampling)
-    got = engine(**KERNEL_BUCKETS, kv_cache_dtype="int8", attention_impl="tpu_interpret").generate(ps, sampling)
+    want = engine(**KERNEL_BUCKETS, kv_cache_dtype=kv, attention_impl="reference").generate(ps, sampling)
+    got = engine(**KERNEL_BUCKETS, kv_cache_dtype=kv, attention_impl="tpu_interpret").generate(ps, sampling)
     assert [c.tokens for c in got] == [c.tokens for c in want]
 
 
@@ -112,7 +113,8 @@ def test_bad_kv_settings_say_what_is_wrong():
         EngineConfig(num_pages=8, kv_cache_bytes=1 << 20)
     with pytest.raises(ValueError, match="kv_cache_bytes=100 gives 0 KV pages"):
         Engine(model(), None, EngineConfig(**{**BASE.__dict__, "num_pages": None, "kv_cache_bytes": 100}))
-    # fp8 pages: no Pallas kernel reads them yet; an explicit kernel says so, auto takes the reference
-    e = engine(**KERNEL_BUCKETS, kv_cache_dtype="fp8_e4m3", attention_impl="tpu_interpret")
-    with pytest.raises(ValueError, match="attention_impl 'tpu_interpret': KV scales go with int8 pages, got float8_e4m3fn"):
+    # A format the chosen kernel does not take: bfloat16 pages under float32 queries (the reference casts)
+    e = engine(**KERNEL_BUCKETS, kv_cache_dtype="bfloat16", attention_impl="tpu_interpret")
+    with pytest.raises(ValueError, match="attention_impl 'tpu_interpret': float KV pages must match the query dtype "
+                                         "\\(float32\\), got bfloat16"):
         e.generate(prompts([3]), SamplingConfig(max_new_tokens=2))

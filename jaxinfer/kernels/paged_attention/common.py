@@ -25,12 +25,16 @@ def group_queries(q, q_positions, num_kv_heads: int, multiple: int):
 
 
 def kv_format_problem(q, k_pages, k_scales) -> str | None:
-    """The KV page formats every kernel takes: float pages of q's dtype, or int8 pages with scales."""
+    """The KV page formats every kernel takes: float pages of q's dtype, or quantized pages (int8,
+    fp8 e4m3) with scales (widened to q's dtype exactly, the scale applied after the dot)."""
     if k_scales is None and k_pages.dtype != q.dtype:
         return f"float KV pages must match the query dtype ({q.dtype}), got {k_pages.dtype}"
-    if k_scales is not None and k_pages.dtype != jnp.int8:
-        return f"KV scales go with int8 pages, got {k_pages.dtype}"
+    if k_scales is not None and k_pages.dtype not in QUANTIZED_PAGES:
+        return f"KV scales go with int8 or float8_e4m3fn pages, got {k_pages.dtype}"
     return None
+
+
+QUANTIZED_PAGES = (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn))
 
 
 def cost(qg, k_pages, width: int, quantized: bool):

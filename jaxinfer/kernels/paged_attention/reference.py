@@ -8,7 +8,7 @@ s <= its position, and s > its position - sliding_window. Query head n reads kv 
 n // (N // K) (GQA, as Hugging Face's repeat_kv). Scores are q.k / sqrt(H), then, with `soft_cap`,
 cap * tanh(score / cap).
 
-KV pages are float, or quantized (int8, or fp8 e4m3 here in the reference) with float32 scales
+KV pages are float, or quantized (int8 or fp8 e4m3) with float32 scales
 `[K, P, C]` (one per position and kv head): the value is stored * scale. Slots past kv_lens may hold anything, NaN included (recycled pages in
 debug mode): they are zeroed before use, so they never leak into the output. A query that sees
 nothing gets zeros.
