@@ -57,7 +57,7 @@ def initialize(cfg: DistributedConfig) -> bool:
         return False
     if jax.distributed.is_initialized():
         return True
-    if coordinator is None or ":" not in coordinator:
+    if coordinator is None or not coordinator.rpartition(":")[2].isdigit():
         raise ValueError(f"distributed.num_processes={num} needs distributed.coordinator as host:port (process 0's "
                          f"address), or $JAX_COORDINATOR_ADDRESS; got {coordinator!r}")
     if pid is None or not 0 <= pid < num:
