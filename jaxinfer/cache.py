@@ -7,6 +7,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from jaxinfer.kernels.paged_attention.reference import quantize_pages
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -32,21 +34,8 @@ class DenseKVCache:
                             self.v.at[layer, rows, positions].set(v.astype(self.v.dtype), mode="drop"))
 
 
-# engine.kv_cache_dtype values stored quantized: (page dtype, largest magnitude it holds)
-QUANTIZED_KV = {"int8": (jnp.int8, 127.0), "fp8_e4m3": (jnp.float8_e4m3fn, 448.0)}
-
-
-def quantize_kv(x, dtype):
-    """x [..., H] float -> (values of `dtype` [..., H], float32 scales [...]): symmetric, one scale
-    per position and kv head (the kernels' int8 format; fp8 the same with e4m3's range)."""
-    qmax = {jnp.dtype(d): m for d, m in QUANTIZED_KV.values()}[jnp.dtype(dtype)]
-    x32 = x.astype(jnp.float32)
-    amax = jnp.max(jnp.abs(x32), axis=-1)
-    scales = jnp.where(amax == 0, 1.0, amax / qmax)
-    y = x32 / scales[..., None]
-    if jnp.issubdtype(dtype, jnp.integer):
-        y = jnp.clip(jnp.round(y), -qmax, qmax)
-    return y.astype(dtype), scales
+# engine.kv_cache_dtype values stored quantized -> the page dtype (the format: kernels.paged_attention)
+QUANTIZED_KV = {"int8": jnp.int8, "fp8_e4m3": jnp.float8_e4m3fn}
 
 
 @jax.tree_util.register_dataclass
@@ -67,7 +56,7 @@ class PagedKVCache:
         """dtype: a float dtype, or a name in QUANTIZED_KV (values plus scales)."""
         shape = (num_layers, num_kv_heads, num_pages, page_size, head_dim)
         if isinstance(dtype, str) and dtype in QUANTIZED_KV:
-            values = QUANTIZED_KV[dtype][0]  # four buffers (the step donates each)
+            values = QUANTIZED_KV[dtype]  # four buffers (the step donates each)
             return cls(jnp.zeros(shape, values), jnp.zeros(shape, values), jnp.ones(shape[:-1], jnp.float32),
                        jnp.ones(shape[:-1], jnp.float32))
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
@@ -97,7 +86,7 @@ class PagedKVCache:
         if not self.quantized:
             return PagedKVCache(self.k.at[at].set(k.astype(self.k.dtype), mode="drop"),
                                 self.v.at[at].set(v.astype(self.v.dtype), mode="drop"))
-        (kq, ks), (vq, vs) = quantize_kv(k, self.k.dtype), quantize_kv(v, self.v.dtype)
+        (kq, ks), (vq, vs) = quantize_pages(k, self.k.dtype), quantize_pages(v, self.v.dtype)
         return PagedKVCache(self.k.at[at].set(kq, mode="drop"), self.v.at[at].set(vq, mode="drop"),
                             self.k_scale.at[at].set(ks, mode="drop"), self.v_scale.at[at].set(vs, mode="drop"))
 

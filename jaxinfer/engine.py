@@ -147,7 +147,7 @@ def page_bytes(cfg: EngineConfig, model: Model) -> int:
     from jaxinfer.cache import QUANTIZED_KV
 
     m, dt = model.cfg, kv_dtype(cfg, model)
-    value = jnp.dtype(QUANTIZED_KV[dt][0] if isinstance(dt, str) else dt).itemsize
+    value = jnp.dtype(QUANTIZED_KV[dt] if isinstance(dt, str) else dt).itemsize
     return 2 * m.num_layers * m.num_kv_heads * cfg.page_size * (m.head_dim * value + (4 if isinstance(dt, str) else 0))
 
 

@@ -16,7 +16,6 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 
 from jaxinfer import kernels
-from jaxinfer.cache import quantize_kv
 from jaxinfer.kernels import paged_attention as pa
 from jaxinfer.kernels import quant_matmul as qm
 from jaxinfer.kernels.paged_attention import gpu as pa_gpu, reference as pa_ref, tpu as pa_tpu
@@ -84,9 +83,9 @@ def make_inputs(case: Case, seed=0):
         kq, ks = pa_ref.quantize_pages(jnp.nan_to_num(jnp.asarray(k)))
         vq, vs = pa_ref.quantize_pages(jnp.nan_to_num(jnp.asarray(v)))
         args.update(k_pages=kq, v_pages=vq, k_scales=ks, v_scales=vs)
-    elif case.kv == "fp8":  # the engine's fp8_e4m3 pages (cache.quantize_kv)
-        kq, ks = quantize_kv(jnp.nan_to_num(jnp.asarray(k)), jnp.float8_e4m3fn)
-        vq, vs = quantize_kv(jnp.nan_to_num(jnp.asarray(v)), jnp.float8_e4m3fn)
+    elif case.kv == "fp8":  # the engine's fp8_e4m3 pages
+        kq, ks = pa_ref.quantize_pages(jnp.nan_to_num(jnp.asarray(k)), jnp.float8_e4m3fn)
+        vq, vs = pa_ref.quantize_pages(jnp.nan_to_num(jnp.asarray(v)), jnp.float8_e4m3fn)
         args.update(k_pages=kq, v_pages=vq, k_scales=ks, v_scales=vs)
     else:
         args.update(k_pages=jnp.asarray(k, case.dtype), v_pages=jnp.asarray(v, case.dtype))

@@ -60,9 +60,18 @@ def paged_attention(q, k_pages, v_pages, block_table, kv_lens, q_positions, *, k
     return rearrange(out, "b t k g h -> b t (k g) h")
 
 
-def quantize_pages(pages):
-    """float pages [K, P, C, H] -> (int8 pages, float32 scales [K, P, C]): symmetric, per position
-    and kv head (the int8 KV format)."""
-    amax = jnp.max(jnp.abs(pages.astype(jnp.float32)), axis=-1)
-    scales = jnp.where(amax == 0, 1.0, amax / 127.0)
-    return jnp.clip(jnp.round(pages / scales[..., None]), -127, 127).astype(jnp.int8), scales
+QMAX = {jnp.dtype(jnp.int8): 127.0, jnp.dtype(jnp.float8_e4m3fn): 448.0}  # largest magnitude stored
+
+
+def quantize_pages(pages, dtype=jnp.int8):
+    """float pages [..., H] (pages [K, P, C, H], or new rows [N, K, H]) -> (pages of `dtype`,
+    float32 scales [...]): symmetric, per position and kv head (the KV format: int8, or fp8 e4m3
+    the same with e4m3's range)."""
+    qmax = QMAX[jnp.dtype(dtype)]
+    x = pages.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(x), axis=-1)
+    scales = jnp.where(amax == 0, 1.0, amax / qmax)
+    y = x / scales[..., None]
+    if jnp.issubdtype(dtype, jnp.integer):
+        y = jnp.clip(jnp.round(y), -qmax, qmax)
+    return y.astype(dtype), scales
