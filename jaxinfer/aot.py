@@ -120,14 +120,14 @@ def attention_case(impl, *, rows=8, t=1, heads=32, kv_heads=8, head_dim=128, pag
     return fn, args
 
 
-def matmul_case(impl, *, m=1, k=4096, n=4096, bits=8, group_size=0, dtype="bfloat16", asymmetric=False):
+def matmul_case(impl, *, m=1, k=4096, n=4096, bits=8, group_size=0, dtype="bfloat16", asymmetric=False, act_bits=0):
     from jaxinfer.kernels.quant_matmul import IMPLS, QuantArray
 
     values = sds((k, n), "int8") if bits == 8 else sds((k // 2, n), "uint8")
     scales = sds((1 if bits == 8 else k // group_size, n), "float32")
 
     def fn(x, v, s, offsets=None):
-        return IMPLS[impl](x, QuantArray(v, s, bits, group_size, offsets))
+        return IMPLS[impl](x, QuantArray(v, s, bits, group_size, offsets, act_bits))
     return fn, [sds((m, k), dtype), values, scales] + ([scales] if asymmetric else [])
 
 
@@ -178,6 +178,8 @@ def tpu_cases(model_cfg):
         "quant_matmul int4/g128 m=1": matmul_case("tpu", bits=4, group_size=128),
         "quant_matmul int4/g32 m=64": matmul_case("tpu", m=64, bits=4, group_size=32),
         "quant_matmul int4/g64 asymmetric m=8": matmul_case("tpu", m=8, bits=4, group_size=64, asymmetric=True),
+        "quant_matmul w8a8 m=1": matmul_case("tpu", act_bits=8),
+        "quant_matmul w8a8 m=256": matmul_case("tpu", m=256, act_bits=8),
         "step (tpu attention)": step_case(model_cfg, "tpu"),
     }
     return cases
@@ -194,6 +196,8 @@ def gpu_cases():
         "quant_matmul int4/g128 m=1": matmul_case("gpu", bits=4, group_size=128),
         "quant_matmul int4/g32 m=64": matmul_case("gpu", m=64, bits=4, group_size=32),
         "quant_matmul int4/g64 asymmetric m=8": matmul_case("gpu", m=8, bits=4, group_size=64, asymmetric=True),
+        "quant_matmul w8a8 m=1": matmul_case("gpu", act_bits=8),
+        "quant_matmul w8a8 m=64": matmul_case("gpu", m=64, act_bits=8),
     }
 
 

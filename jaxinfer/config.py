@@ -60,8 +60,9 @@ class ModelConfig:
     # or one array per layer in an unrolled loop (XLA CPU copies each scanned layer's weight slice
     # before its dot, which halves decode speed there: measured 19.4 vs 10.2 ms per 110M step).
     scan_layers: bool = True
-    # Weight-only quantization of the linear layers (after loading): none | int8 (per output
-    # channel) | int4 (group-wise along the input, `quant_group_size` in 32, 64, 128).
+    # Quantization of the linear layers (after loading): none | int8 (per output channel) | int4
+    # (group-wise along the input, `quant_group_size` in 32, 64, 128) | w8a8 (int8 weights per
+    # channel and int8 activations per token, quantized on the fly; int8 x int8 dots, int32 sums).
     quant: str = "none"
     quant_group_size: int = 128
     quant_asymmetric: bool = False  # int4 only: per-group offset (min) + scale, all 16 levels used

@@ -175,15 +175,21 @@ def test_int8_kv_pages_follow_the_float_pages_they_quantize():
 # ---- quantized matmul ---------------------------------------------------------------------------------
 MATMUL = [(8, 0, (1, 256, 128)), (8, 0, (5, 512, 384)), (4, 32, (1, 256, 128)), (4, 64, (7, 512, 256)),
           (4, 128, (3, 256, 128)), (8, 0, (2, 3, 128, 64)), ("4a", 32, (1, 256, 128)), ("4a", 128, (5, 512, 256)),
-          (4, 64, (3, 172, 128))]  # K that the group does not divide: a padded last group
-MATMUL_SLOW = [(8, 0, (300, 1024, 512)), (4, 32, (17, 2048, 256)), (4, 128, (64, 1024, 640)), ("4a", 64, (33, 1024, 384))]
+          (4, 64, (3, 172, 128)),  # K that the group does not divide: a padded last group
+          ("8a", 0, (1, 256, 128)), ("8a", 0, (5, 512, 384)), ("8a", 0, (2, 3, 128, 64))]  # W8A8
+MATMUL_SLOW = [(8, 0, (300, 1024, 512)), (4, 32, (17, 2048, 256)), (4, 128, (64, 1024, 640)), ("4a", 64, (33, 1024, 384)),
+               ("8a", 0, (70, 1024, 512))]
 
 
 def check_matmul(impl, bits, group, shape, dtype):
-    """bits "4a": asymmetric int4 (skewed weights, so the offsets matter)."""
+    """bits "4a": asymmetric int4 (skewed weights, so the offsets matter); "8a": W8A8 (int8
+    activations too: both sides sum the same int32 products, so they agree to float rounding)."""
     *lead, k, n = shape
     w = jax.random.normal(jax.random.key(0), (k, n))
-    q = qm.quantize(w + 0.5, 4, group, asymmetric=True) if bits == "4a" else qm.quantize(w, bits, group)
+    if bits == "8a":
+        q = dataclasses.replace(qm.quantize(w, 8), act_bits=8)
+    else:
+        q = qm.quantize(w + 0.5, 4, group, asymmetric=True) if bits == "4a" else qm.quantize(w, bits, group)
     x = jax.random.normal(jax.random.key(1), (*lead, k)).astype(dtype)
     mod = {"tpu": qm_tpu, "gpu": qm_gpu}[impl]
     if mod.unsupported(x, q):

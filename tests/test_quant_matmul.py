@@ -1,12 +1,15 @@
 """The quantized-matmul specification: int8 per channel and int4 group-wise weights round-trip
 within half a quantization step, int4 packing is exact, and the reference equals x @ dequantize."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxinfer.kernels.quant_matmul import dequantize, quant_matmul, quantize
+from jaxinfer.kernels.quant_matmul import reference
 from jaxinfer.kernels.quant_matmul.reference import unpack_int4
 
 
@@ -56,6 +59,25 @@ def test_reference_equals_dense_dot_of_dequantized_weights(dtype, tol, bits, gro
         got = np.asarray(quant_matmul(x, q, impl="reference").astype(jnp.float32))
         assert got.shape == shape[:-1] + (40,)
         np.testing.assert_allclose(got, want, atol=tol * np.abs(want).max())
+
+
+def test_w8a8_sums_int8_products_exactly_and_stays_near_the_float_dot():
+    """W8A8: per-token int8 x (absmax / 127) times per-channel int8 W. The int32 sum is exact, so the
+    result is the float dot of the two dequantized operands; both round by at most half a step."""
+    w = jax.random.normal(jax.random.key(0), (256, 96)) * 0.05
+    x = jax.random.normal(jax.random.key(1), (2, 3, 256)).at[0, 0].set(0.0)  # a zero row: scale 1
+    q = dataclasses.replace(quantize(w, 8), act_bits=8)
+    got = np.asarray(quant_matmul(x, q, impl="reference"))
+    xq, xs = reference.quantize_activations(x.reshape(-1, 256))
+    assert xq.dtype == jnp.int8 and np.abs(np.asarray(xq)).max() == 127
+    both = (np.asarray(xq, np.float64) * np.asarray(xs)) @ (np.asarray(q.values, np.float64) * np.asarray(q.scales))
+    np.testing.assert_allclose(got.reshape(-1, 96), both, rtol=1e-5, atol=1e-6)
+    assert np.all(got[0, 0] == 0)
+    exact = np.asarray(x @ w)
+    err = np.abs(got - exact).max() / np.abs(exact).max()
+    assert 1e-4 < err < 2e-2  # really quantized, and by about int8's resolution
+    with pytest.raises(ValueError, match="W8A8 needs int8 per-channel weights, got bits=4"):
+        quant_matmul(x, dataclasses.replace(quantize(w, 4, 32), act_bits=8), impl="reference")
 
 
 @pytest.mark.parametrize("bits,group,asym", [(8, 0, False), (4, 32, False), (4, 128, False), (4, 64, True)])

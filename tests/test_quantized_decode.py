@@ -5,6 +5,7 @@ head and the embedding table quantize too (their quality cost on the trained tar
 test_reference_models.test_quantized_target_keeps_its_perplexity)."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -64,6 +65,20 @@ def test_compiled_decode_reads_no_float_copy_of_a_quantized_weight(quant, head, 
     # The control: the reference dequantizes, in the engine's step and in the generator's program.
     assert float_weight_copies(ref, ref_engine.step_hlo())
     assert float_weight_copies(ref, generator_run(ref)[1].compiled_hlo()["decode"])
+
+
+def test_w8a8_decodes_with_int8_dots_and_no_float_weight_copy():
+    """W8A8 on CPU runs the reference: XLA's int8 x int8 dot with int32 sums, reading the int8
+    weights as they are; the engine (paged) and the generator (dense) agree."""
+    model = quantized("w8a8", "auto")
+    got, engine = engine_run(model)
+    step = engine.step_hlo()
+    assert float_weight_copies(model, step) == []
+    int_dots = re.findall(r"= s32\[[\d,]*\]\{[\d,]*\} dot\(", step)
+    assert len(int_dots) >= 7 * CFG.num_layers, int_dots  # every linear layer (wq wk wv wo gate up down)
+    tokens, gen = generator_run(model)
+    assert float_weight_copies(model, gen.compiled_hlo()["decode"]) == []
+    assert got == tokens
 
 
 def test_quantized_weights_are_stored_as_int8_and_packed_int4():

@@ -156,9 +156,10 @@ class Transformer(nnx.Module):
 
     def _quant_array(self, mode, values, scales, offsets=None) -> QuantArray:
         """Stored values and scales as a QuantArray for `mode` (int8: per channel; int4: groups of
-        quant_group_size)."""
+        quant_group_size; w8a8: int8 per channel with int8 activations per token)."""
         int4 = mode == "int4"
-        return QuantArray(values, scales, 4 if int4 else 8, self.cfg.quant_group_size if int4 else 0, offsets)
+        return QuantArray(values, scales, 4 if int4 else 8, self.cfg.quant_group_size if int4 else 0, offsets,
+                          8 if mode == "w8a8" else 0)
 
     def _linear(self, x, p, name, out_shape):
         """x @ p[name], the weight as a matrix [inputs, outputs] (a free reshape of its stored

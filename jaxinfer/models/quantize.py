@@ -1,6 +1,7 @@
-"""Weight-only quantization of a loaded model: each linear weight becomes int8 (per output channel)
-or packed int4 (group-wise) values plus float32 scales, as two params (`wq`, `wq_scale`), and the
-model's matmuls go through `kernels.quant_matmul` (`model.matmul_impl`). Optionally the LM head
+"""Quantization of a loaded model: each linear weight becomes int8 (per output channel) or packed
+int4 (group-wise) values plus float32 scales, as two params (`wq`, `wq_scale`), and the model's
+matmuls go through `kernels.quant_matmul` (`model.matmul_impl`); `w8a8` stores int8 weights and
+also quantizes each matmul's input per token (int8 x int8 dots, int32 sums). Optionally the LM head
 (`quant_lm_head`, int8 or int4; for tied embeddings a quantized copy of embed.T) and the input
 embedding table (`quant_embed`: int8 rows, one scale per row, so a step gathers int8 rows). Norms
 and biases stay in float."""
@@ -20,12 +21,13 @@ from jaxinfer.kernels.quant_matmul.reference import GROUP_SIZES
 from jaxinfer.models import Model
 from jaxinfer.models.llama import Transformer
 
-BITS = {"int8": (8, False), "int4": (4, True)}
+BITS = {"int8": (8, False), "int4": (4, True), "w8a8": (8, False)}  # mode -> (weight bits, grouped)
+HEAD_MODES = ("int8", "int4")  # the LM head is weight-only
 
 
 def check(cfg) -> None:
     """Raises if cfg.quant / quant_lm_head / quant_group_size cannot apply to this model's shapes."""
-    if cfg.quant_lm_head != "none" and cfg.quant_lm_head not in BITS:
+    if cfg.quant_lm_head != "none" and cfg.quant_lm_head not in HEAD_MODES:
         raise ValueError(f"model.quant_lm_head='{cfg.quant_lm_head}' is not supported; use none, int8 or int4")
     if cfg.quant_lm_head == "int4" and cfg.quant_group_size not in GROUP_SIZES:
         raise ValueError(f"model.quant_lm_head=int4 needs quant_group_size in {', '.join(map(str, GROUP_SIZES))}; "
@@ -38,7 +40,7 @@ def check(cfg) -> None:
             raise ValueError("model.quant_asymmetric is for model.quant=int4")
         return
     if cfg.quant not in BITS:
-        raise ValueError(f"model.quant='{cfg.quant}' is not supported; use none, int8 or int4")
+        raise ValueError(f"model.quant='{cfg.quant}' is not supported; use none, int8, int4 or w8a8")
     if cfg.quant_asymmetric and cfg.quant != "int4":
         raise ValueError(f"model.quant_asymmetric is for int4 only (model.quant={cfg.quant}): int8 is symmetric "
                          "per output channel")

@@ -100,6 +100,8 @@ def _unsupported(dtype_error: str | None) -> str | None:
 
 
 def unsupported(x, q: QuantArray) -> str | None:
+    if q.act_bits:
+        return "W8A8 (int8 activations) has no CPU kernel; the reference runs XLA's int8 dot"
     return _unsupported(None if x.dtype == jnp.float32 else f"activations must be float32, got {x.dtype}")
 
 

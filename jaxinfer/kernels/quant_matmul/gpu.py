@@ -7,6 +7,10 @@ the per-channel scale applied once at the end. int4: one group per iteration, ou
 Weights are read once, as int8 / packed bytes: at batch 1 the kernel moves half (int8) or a quarter
 (int4) of the bytes a bf16 dot does.
 
+W8A8 (`act_bits=8`): x quantized per row outside the kernel (`reference.quantize_activations`);
+the loop dots int8 x int8 tiles (tensor cores' int8 MMA) into an int32 accumulator, and the row and
+channel scales apply once at the end.
+
 Constraints (checked by `unsupported`): float32 / bfloat16 / float16 activations, N a multiple of 16.
 """
 
@@ -19,7 +23,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from jaxinfer.kernels.quant_matmul.reference import QuantArray, check_features, cost
+from jaxinfer.kernels.quant_matmul.reference import QuantArray, check_features, check_w8a8, cost, quantize_activations
 
 
 def unsupported(x, q: QuantArray) -> str | None:
@@ -30,6 +34,8 @@ def unsupported(x, q: QuantArray) -> str | None:
         return f"N must be a multiple of 16, got {n}"
     if q.bits == 8 and k % 16:
         return f"K must be a multiple of 16 for int8 weights, got {k}"
+    if q.act_bits and k % 32:
+        return f"K must be a multiple of 32 for W8A8 (int8 MMA), got {k}"
     return None
 
 
@@ -48,6 +54,17 @@ def _int8_kernel(x_ref, w_ref, s_ref, o_ref, *, bk):
 
     acc = jax.lax.fori_loop(0, k // bk, body, jnp.zeros((bm, bn), jnp.float32))
     o_ref[...] = (acc * s_ref[...][None, :]).astype(o_ref.dtype)
+
+
+def _w8a8_kernel(x_ref, xs_ref, w_ref, s_ref, o_ref, *, bk):
+    bm, bn = o_ref.shape
+    k = x_ref.shape[1]
+
+    def body(i, acc):
+        return acc + jnp.dot(x_ref[:, pl.ds(i * bk, bk)], w_ref[pl.ds(i * bk, bk), :], preferred_element_type=jnp.int32)
+
+    acc = jax.lax.fori_loop(0, k // bk, body, jnp.zeros((bm, bn), jnp.int32))
+    o_ref[...] = (acc.astype(jnp.float32) * xs_ref[...][:, None] * s_ref[...][None, :]).astype(o_ref.dtype)
 
 
 def _int4_kernel(xe_ref, xo_ref, w_ref, s_ref, *rest):
@@ -83,6 +100,7 @@ def quant_matmul(x, q: QuantArray, *, interpret=False, block_n: int = 0, num_war
     lead, (k, n) = x.shape[:-1], q.shape
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
+    check_w8a8(q)
     bm = min(64, max(16, 1 << (m - 1).bit_length()))
     mp = -(-m // bm) * bm
     x2 = jnp.pad(x2, ((0, mp - m), (0, 0)))
@@ -94,7 +112,16 @@ def quant_matmul(x, q: QuantArray, *, interpret=False, block_n: int = 0, num_war
     params = pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     out_spec = pl.BlockSpec((bm, bn), lambda i, j: (i, j))
     out_shape = jax.ShapeDtypeStruct((mp, n), x.dtype)
-    if q.bits == 8:
+    if q.act_bits:
+        bk = _largest(k, tuple(c for c in (512, 256, 128, 64, 32) if c * bn <= 16384 or c == 32))
+        xq, xs = quantize_activations(x2)
+        out = pl.pallas_call(
+            partial(_w8a8_kernel, bk=bk), grid=grid,
+            in_specs=[pl.BlockSpec((bm, k), lambda i, j: (i, 0)), pl.BlockSpec((bm,), lambda i, j: (i,)),
+                      pl.BlockSpec((k, bn), lambda i, j: (0, j)), pl.BlockSpec((None, bn), lambda i, j: (0, j))],
+            out_specs=out_spec, out_shape=out_shape, compiler_params=params, interpret=interpret,
+            cost_estimate=cost(xq, q), name="quant_matmul_w8a8_gpu")(xq, xs[:, 0], q.values, q.scales.astype(jnp.float32))
+    elif q.bits == 8:
         bk = _largest(k, tuple(c for c in (512, 256, 128, 64, 32, 16) if c * bn <= 16384 or c == 16))
         out = pl.pallas_call(
             partial(_int8_kernel, bk=bk), grid=grid,

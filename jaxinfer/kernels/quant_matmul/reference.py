@@ -10,7 +10,11 @@
   copies of W's last row (so its range, and the scale, are W's own) and the weight stores
   K_pad = ceil(K / group_size) * group_size rows; x's K features are padded with zeros to K_pad
   (`check_features`), so the padded rows add nothing to x @ W.
-The reference dequantizes, then dots with float32 accumulation.
+- W8A8 (`act_bits=8`): int8 per-channel weights as above, and x quantized per token (row) on the
+  fly, symmetric int8 with a float32 scale per row (`quantize_activations`); the dot multiplies
+  int8 by int8 with int32 accumulation and both scales apply after it:
+  out = (xq @ wq) * x_scale[:, None] * w_scale[None, :] (the int8 MXU / tensor-core path).
+The reference dequantizes, then dots with float32 accumulation (W8A8: the int8 dot itself).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ class QuantArray:
     bits: int = dataclasses.field(metadata=dict(static=True), default=8)
     group_size: int = dataclasses.field(metadata=dict(static=True), default=0)  # 0: per channel
     offsets: jax.Array | None = None  # float32 [K // group_size, N]: asymmetric int4 only
+    act_bits: int = dataclasses.field(metadata=dict(static=True), default=0)  # 8: W8A8; 0: float x
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -121,8 +126,30 @@ def check_features(x, q: QuantArray):
     raise ValueError(f"x has {have} features but the weight expects K={k}")
 
 
+def quantize_activations(x2):
+    """x2 [M, K] float -> (int8 [M, K], float32 scales [M, 1]): symmetric per row (token), absmax /
+    127 (a zero row gets scale 1)."""
+    xf = x2.astype(jnp.float32)
+    scales = jnp.max(jnp.abs(xf), axis=-1, keepdims=True) / 127
+    scales = jnp.where(scales == 0, 1.0, scales)
+    return jnp.clip(jnp.round(xf / scales), -127, 127).astype(jnp.int8), scales
+
+
+def check_w8a8(q: QuantArray) -> None:
+    if q.act_bits not in (0, 8):
+        raise ValueError(f"act_bits={q.act_bits}: activations are float (0) or int8 (8)")
+    if q.act_bits and (q.bits != 8 or q.group_size or q.offsets is not None):
+        raise ValueError(f"W8A8 needs int8 per-channel weights, got bits={q.bits} group_size={q.group_size}")
+
+
 def quant_matmul(x, q: QuantArray):
-    """x [..., K] (f32/bf16) @ W -> [..., N] in x's dtype, float32 accumulation."""
+    """x [..., K] (f32/bf16) @ W -> [..., N] in x's dtype, float32 accumulation (W8A8: int32)."""
     x = check_features(x, q)
+    if q.act_bits:
+        check_w8a8(q)
+        xq, xs = quantize_activations(x.reshape(-1, x.shape[-1]))
+        acc = jax.lax.dot(xq, q.values, preferred_element_type=jnp.int32)
+        out = acc.astype(jnp.float32) * xs * q.scales.astype(jnp.float32)
+        return out.reshape(*x.shape[:-1], -1).astype(x.dtype)
     out = jnp.einsum("...k,kn->...n", x, dequantize(q, x.dtype), preferred_element_type=jnp.float32)
     return out.astype(x.dtype)

@@ -8,6 +8,10 @@ the kernel (activations are small), so out = x_even @ low_nibbles + x_odd @ high
 reduction axis walks whole groups, `gb` groups a step, as a batched dot over the group axis whose
 per-group results are scaled before they are summed: exactly the group-wise definition.
 
+W8A8 (`act_bits=8`): x is quantized per row outside the kernel (`reference.quantize_activations`,
+a cheap pass over the activations); the kernel dots int8 x int8 tiles on the MXU with an int32
+VMEM accumulator and applies the row and channel scales once at the end.
+
 Constraints (checked by `unsupported`): float32 / bfloat16 activations, N a multiple of 128 or at
 most 128 wide.
 """
@@ -19,7 +23,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from jaxinfer.kernels.quant_matmul.reference import QuantArray, check_features, cost
+from jaxinfer.kernels.quant_matmul.reference import QuantArray, check_features, check_w8a8, cost, quantize_activations
 
 
 def unsupported(x, q: QuantArray) -> str | None:
@@ -47,6 +51,18 @@ def _int8_kernel(x_ref, w_ref, s_ref, o_ref, acc_ref):
     @pl.when(pl.program_id(2) == pl.num_programs(2) - 1)
     def _done():
         o_ref[...] = (acc_ref[...] * s_ref[...]).astype(o_ref.dtype)
+
+
+def _w8a8_kernel(x_ref, xs_ref, w_ref, s_ref, o_ref, acc_ref):
+    @pl.when(pl.program_id(2) == 0)
+    def _init():
+        acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.int32)
+
+    acc_ref[...] += jnp.dot(x_ref[...], w_ref[...], preferred_element_type=jnp.int32)
+
+    @pl.when(pl.program_id(2) == pl.num_programs(2) - 1)
+    def _done():
+        o_ref[...] = (acc_ref[...].astype(jnp.float32) * xs_ref[...] * s_ref[...]).astype(o_ref.dtype)
 
 
 def _nibbles(packed, signed):
@@ -91,7 +107,8 @@ def quant_matmul(x, q: QuantArray, *, interpret=False):
     lead, (k, n) = x.shape[:-1], q.shape
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
-    sub = 16 if x.dtype == jnp.bfloat16 else 8
+    check_w8a8(q)
+    sub = 32 if q.act_bits else 16 if x.dtype == jnp.bfloat16 else 8  # int8 tiles: 32 sublanes
     bm = min(256, -(-m // sub) * sub)
     mp = -(-m // bm) * bm
     x2 = jnp.pad(x2, ((0, mp - m), (0, 0)))
@@ -100,7 +117,19 @@ def quant_matmul(x, q: QuantArray, *, interpret=False):
     out_spec = pl.BlockSpec((bm, bn), lambda i, j, kk: (i, j))
     scratch = [pltpu.VMEM((bm, bn), jnp.float32)]
     out_shape = jax.ShapeDtypeStruct((mp, n), x.dtype)
-    if q.bits == 8:
+    if q.act_bits:
+        bk = _tile(k, (1024, 512, 256, 128))
+        xq, xs = quantize_activations(x2)
+        out = pl.pallas_call(
+            _w8a8_kernel, grid=(mp // bm, n // bn, k // bk),
+            in_specs=[pl.BlockSpec((bm, bk), lambda i, j, kk: (i, kk)),
+                      pl.BlockSpec((bm, 1), lambda i, j, kk: (i, 0)),
+                      pl.BlockSpec((bk, bn), lambda i, j, kk: (kk, j)),
+                      pl.BlockSpec((1, bn), lambda i, j, kk: (0, j))],
+            out_specs=out_spec, out_shape=out_shape, scratch_shapes=[pltpu.VMEM((bm, bn), jnp.int32)],
+            compiler_params=params, interpret=interpret, cost_estimate=cost(xq, q),
+            name="quant_matmul_w8a8_tpu")(xq, xs, q.values, q.scales.astype(jnp.float32))
+    elif q.bits == 8:
         bk = _tile(k, (1024, 512, 256, 128))
         out = pl.pallas_call(
             _int8_kernel, grid=(mp // bm, n // bn, k // bk),
