@@ -200,21 +200,25 @@ def load_hf(folder: str | Path, dtype: str = "auto") -> Model:
     return Model(cfg, graphdef, abstract)
 
 
-def _float_only(model: Model) -> None:
-    c = model.cfg
-    if c.quant != "none" or c.quant_lm_head != "none" or c.quant_embed:
-        raise CheckpointError(f"this model's weights are quantized (model.quant={c.quant}, quant_lm_head="
-                              f"{c.quant_lm_head}, quant_embed={c.quant_embed}); save the float "
-                              "model: quantization is applied at load time from model.quant")
+def is_quantized(cfg: ModelConfig) -> bool:
+    return cfg.quant != "none" or cfg.quant_lm_head != "none" or cfg.quant_embed
+
+
+def _quant_form(c: ModelConfig) -> str:
+    form = f"/g{c.quant_group_size}" + (" asymmetric" if c.quant_asymmetric else "") if c.quant == "int4" else ""
+    form += " AWQ" if c.quant_method == "awq" and c.quant != "none" else ""
+    extra = (f", LM head {c.quant_lm_head}" if c.quant_lm_head != "none" else "") + (
+        ", embedding int8" if c.quant_embed else "")
+    return f"{c.quant}{form}{extra}"
 
 
 def save_converted(model: Model, out_dir: str | Path, source: str | Path | None = None,
                    overwrite: bool = False) -> Path:
     """Writes `jaxinfer.yaml` + orbax `params/` (+ the source folder's tokenizer/config files).
-    An existing `params/` is replaced only with `overwrite`."""
+    A quantized model is saved as stored (int8 / packed int4 values and their scales, its
+    quantization settings in jaxinfer.yaml), so loading it needs no calibration. An existing
+    `params/` is replaced only with `overwrite`."""
     import orbax.checkpoint as ocp
-
-    _float_only(model)
 
     out = Path(out_dir).absolute()
     if source is not None and out.exists() and out.resolve() == Path(source).resolve():
@@ -250,6 +254,10 @@ def load_converted(folder: str | Path, dtype: str | None = None) -> Model:
 
 def cast(model: Model, dtype: str) -> Model:
     from jaxinfer.models import dtype_of
+
+    if is_quantized(model.cfg):
+        raise CheckpointError(f"this checkpoint's weights are quantized ({_quant_form(model.cfg)}, computing in "
+                              f"{model.cfg.dtype}); load it in its saved dtype (model.dtype: auto or {model.cfg.dtype})")
 
     cfg = dataclasses.replace(model.cfg, dtype=resolve_dtype(dtype))
     graphdef, _ = abstract_params(cfg)
@@ -322,16 +330,33 @@ def build(cfg: RunConfig):
     if tok.vocab_size > model.cfg.vocab_size:
         raise ValueError(f"tokenizer has {tok.vocab_size} tokens but the model only {model.cfg.vocab_size}")
     m = cfg.model
-    if m.quant != "none" or m.quant_lm_head != "none" or m.quant_embed:
-        from jaxinfer.models.quantize import quantize_model
+    if is_quantized(model.cfg):  # a saved quantized checkpoint: used as stored
+        asked = dataclasses.replace(m, matmul_impl=model.cfg.matmul_impl)
+        if is_quantized(m) and _quant_form(asked) != _quant_form(model.cfg):
+            raise CheckpointError(f"checkpoint '{cfg.checkpoint}' is already quantized ({_quant_form(model.cfg)}); "
+                                  f"the config asks for {_quant_form(m)}: set model.quant: none to use it as saved, "
+                                  "or quantize its float source")
+        model = Model(dataclasses.replace(model.cfg, matmul_impl=m.matmul_impl), *_with_impl(model, m.matmul_impl))
+        label += f"; weights {_quant_form(model.cfg)} as saved (matmul_impl {m.matmul_impl})"
+    elif is_quantized(m):
+        from jaxinfer.models.quantize import check, quantize_model
 
+        check(m)
+        if m.quant_method == "awq":
+            from jaxinfer.models.awq import awq_scale
+
+            model, _ = awq_scale(model, tok, m)
         model = quantize_model(model, m.quant, m.quant_group_size, m.matmul_impl, m.quant_asymmetric,
                                m.quant_lm_head, m.quant_embed)
-        form = f"/g{m.quant_group_size}" + (" asymmetric" if m.quant_asymmetric else "") if m.quant == "int4" else ""
-        extra = (f", LM head {m.quant_lm_head}" if m.quant_lm_head != "none" else "") + (
-            ", embedding int8" if m.quant_embed else "")
-        label += f"; weights {m.quant}{form}{extra} (matmul_impl {m.matmul_impl})"
+        label += f"; weights {_quant_form(model.cfg)} (matmul_impl {m.matmul_impl})"
     return model, tok, stops, label
+
+
+def _with_impl(model: Model, matmul_impl: str):
+    """(graphdef, params) of `model` with its module's matmul_impl replaced (a static setting)."""
+    module = nnx.merge(model.graphdef, model.params)
+    module.cfg = dataclasses.replace(module.cfg, matmul_impl=matmul_impl)
+    return nnx.split(module)
 
 
 def load_draft(cfg: RunConfig, model: Model, tok) -> Model | None:
@@ -401,7 +426,9 @@ def save_hf(model: Model, folder: str | Path, tokenizer=None, specials: tuple[st
     and, given a `tokenizers.Tokenizer` with its (bos, eos, pad) texts, the tokenizer files)."""
     import ml_dtypes
 
-    _float_only(model)
+    if is_quantized(model.cfg):
+        raise CheckpointError(f"this model's weights are quantized ({_quant_form(model.cfg)}): a Hugging Face "
+                              "folder holds float weights; save the float model, or save_converted the quantized one")
     from safetensors.numpy import save_file
 
     store = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}[dtype]

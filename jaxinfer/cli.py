@@ -1,5 +1,6 @@
 """The `jaxinfer` command: `generate` (default model, or --model HF_DIR), `bench`, `run` and `report`
-(experiments), `serve` (the OpenAI-compatible server), `score` (perplexity) and `convert`.
+(experiments), `serve` (the OpenAI-compatible server), `score` (perplexity), `eval` (the quality
+gate of quantization and speculative switches), `quantize` (calibrate once, save) and `convert`.
 
 Bad input is one line on stderr and exit code 2, never a traceback."""
 
@@ -213,6 +214,71 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_quantize(args) -> int:
+    from jaxinfer.checkpoint import build, is_quantized, resolve_path, save_converted
+
+    cfg = _load(args)
+    cfg = dataclasses.replace(cfg, checkpoint=args.model or cfg.checkpoint)
+    if not is_quantized(cfg.model):
+        raise ValueError("quantize: the config asks for no quantization; set e.g. model.quant=int4 "
+                         "model.quant_method=awq")
+    if not cfg.checkpoint:
+        raise ValueError("quantize: needs a checkpoint (--model or the config's checkpoint), not random weights")
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
+        raise ValueError(f"quantize: '{out}' exists and is not an empty folder; pass --force to replace its "
+                         "params/ and jaxinfer.yaml, or choose an empty folder")
+    t0 = time.perf_counter()
+    model, _, _, label = build(cfg)
+    saved = save_converted(model, out, source=resolve_path(cfg.checkpoint), overwrite=args.force)
+    print(f"{label}\nquantized in {time.perf_counter() - t0:.1f} s -> {saved} ({model.param_bytes / 2**20:.1f} MiB "
+          "of params); load it with --model, no calibration needed")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import json
+
+    from jaxinfer import quality
+    from jaxinfer.checkpoint import build, load_draft
+    from jaxinfer.experiment.kinds import held_out, story_prompts
+
+    cfg = _load(args)
+    cfg = dataclasses.replace(cfg, checkpoint=args.model or cfg.checkpoint)
+    for name in ("stories", "window", "prompts", "prompt_len"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"eval: --{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
+    if args.tokens < 0:
+        raise ValueError(f"eval: --tokens={args.tokens} must be >= 0 (0: no greedy continuations)")
+    model, tok, _, label = build(cfg)
+    windows = held_out(tok, args.stories, args.window)
+    prompts = story_prompts(tok, args.prompts, args.prompt_len)
+    ref = quality.evaluate_reference(cfg, windows, prompts, args.tokens, lambda c: build(c)[:2])
+    row = quality.evaluate(cfg, model, tok, load_draft(cfg, model, tok), windows, prompts, args.tokens, ref)
+    spec = cfg.engine.speculative
+    print(f"model: {label}\nKV cache: {cfg.engine.kv_cache_dtype}; speculative: {spec.method}"
+          + (f" (k={spec.num_speculative_tokens})" if spec.method != "none" else "")
+          + f"\nagainst the float model, {row['eval_tokens']} held-out tokens ({len(windows)} windows of {args.window})"
+          + (f", greedy: {len(prompts)} story openings x {args.tokens} tokens" if args.tokens else ""))
+    names = {"ppl": "perplexity", "ppl_ref": "perplexity (float)", "kl": "KL mean (nats/token)", "kl_p99": "KL p99",
+             "agreement": "top-1 agreement", "greedy_agreement": "greedy agreement", "gen_kl": "KL along greedy",
+             "kv_bytes_per_token": "KV bytes / token", "weight_mib": "weight MiB / step"}
+    for key, name in names.items():
+        if key in row:
+            v = row[key]
+            print(f"  {name:22s} {v:.4%}" if "agreement" in key else f"  {name:22s} {v:.6g}")
+    failed = [f"KL mean {row['kl']:.3g} > --max-kl {args.max_kl}"] if args.max_kl is not None and row["kl"] > args.max_kl else []
+    if args.min_agreement is not None and row["agreement"] < args.min_agreement:
+        failed.append(f"top-1 agreement {row['agreement']:.4f} < --min-agreement {args.min_agreement}")
+    if args.out:
+        _check_writable(Path(args.out))
+        Path(args.out).write_text(json.dumps(row | {"model": label, "passed": not failed}, indent=1))
+        print(f"wrote {args.out}")
+    for f in failed:
+        print(f"jaxinfer eval: gate failed: {f}", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def _model_id(cfg) -> str:
     """The id clients send as `model`: serve.model_name, else the checkpoint folder's name."""
     if cfg.serve.model_name:
@@ -380,6 +446,30 @@ def parser() -> argparse.ArgumentParser:
                                                "in the first window with context before it (default: window - 1)")
     sc.add_argument("overrides", **overrides)
     sc.set_defaults(func=cmd_score)
+    q = sub.add_parser("quantize", help="quantize (and calibrate: model.quant_method=awq) a checkpoint once, "
+                                        "saved as an orbax folder that loads without calibration")
+    q.add_argument("--config", help="a run YAML (default: jaxinfer/presets/default.yaml; none with --model)")
+    q.add_argument("--model", help="the float checkpoint folder (default: the config's)")
+    q.add_argument("--out", required=True, help="an empty or new folder")
+    q.add_argument("--force", action="store_true", help="replace params/ and jaxinfer.yaml in a non-empty --out")
+    q.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.quant=int4 model.quant_method=awq "
+                                                "model.quant_group_size=32")
+    q.set_defaults(func=cmd_quantize)
+    ev = sub.add_parser("eval", help="the quality gate: a config's switches (weights, W8A8, KV cache, speculative) "
+                                     "against its float model: perplexity, KL, top-1 and greedy agreement")
+    ev.add_argument("--config", help="a run YAML (default: jaxinfer/presets/default.yaml; none with --model)")
+    ev.add_argument("--model", help="a checkpoint folder (default: the config's)")
+    ev.add_argument("--stories", type=int, default=32, help="held-out stories scored (default: 32)")
+    ev.add_argument("--window", type=int, default=128, help="tokens per scored window (default: 128)")
+    ev.add_argument("--prompts", type=int, default=8, help="story openings continued greedily (default: 8)")
+    ev.add_argument("--prompt-len", type=int, default=16, help="tokens per opening (default: 16)")
+    ev.add_argument("--tokens", type=int, default=32, help="greedy tokens per opening, 0: none (default: 32)")
+    ev.add_argument("--max-kl", type=float, help="exit 1 if the mean KL exceeds this (default: no gate)")
+    ev.add_argument("--min-agreement", type=float, help="exit 1 if top-1 agreement is below this (default: no gate)")
+    ev.add_argument("--out", help="also write the metrics as JSON here (default: none)")
+    ev.add_argument("overrides", nargs="*", help="dotted overrides: the switches to judge, e.g. model.quant=int4 "
+                                                 "engine.kv_cache_dtype=int8 engine.speculative.method=ngram")
+    ev.set_defaults(func=cmd_eval)
     c = sub.add_parser("convert", help="convert a Hugging Face folder to an orbax checkpoint")
     c.add_argument("hf_dir", help="the Hugging Face folder (config.json + safetensors)")
     c.add_argument("out_dir", help="an empty or new folder (not hf_dir)")

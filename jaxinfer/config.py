@@ -66,6 +66,13 @@ class ModelConfig:
     quant: str = "none"
     quant_group_size: int = 128
     quant_asymmetric: bool = False  # int4 only: per-group offset (min) + scale, all 16 levels used
+    # How int4 / int8 weights are chosen: rtn (round to nearest) | awq (activation-aware scaling,
+    # Lin et al. 2024: per-input-channel scales searched on calibration activations, folded into
+    # the preceding norm or layer; models.awq). Calibration text: quant_calibration, a UTF-8 file
+    # (empty: training stories of the shipped corpus), of at least quant_calibration_tokens tokens.
+    quant_method: str = "rtn"
+    quant_calibration: str = ""
+    quant_calibration_tokens: int = 4096
     # The LM head too (none | int8 | int4, int4 with quant_group_size); with tied embeddings the head
     # becomes a quantized copy of embed.T, the input table staying as it is. Applies with quant: none.
     quant_lm_head: str = "none"

@@ -242,47 +242,30 @@ def held_out(tok, num_stories: int, length: int) -> np.ndarray:
     return windows(stream, length)
 
 
-def _log_probs(model, windows: np.ndarray, batch: int = 16) -> np.ndarray:
-    """[n, length, V] next-token log-probabilities of `model` on windows[:, :-1] (float32)."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    @jax.jit
-    def fn(params, x):
-        mod = nnx.merge(model.graphdef, params)
-        hidden, _ = mod(x, jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape))
-        return jax.nn.log_softmax(mod.logits(hidden).astype(jnp.float32))
-
-    x = windows[:, :-1]
-    pad = -len(x) % batch
-    x = np.concatenate([x, np.zeros((pad, x.shape[1]), x.dtype)])
-    out = [np.asarray(fn(model.params, jnp.asarray(x[i:i + batch]))) for i in range(0, len(x), batch)]
-    return np.concatenate(out)[: len(windows)]
-
-
 def quality(run, ctx: Context):
-    """Perplexity on held-out text, KL(reference || this) per token and next-token argmax agreement
-    with the unquantized model, plus the decode speed of _decode_speed."""
-    cfg = run.cfg
+    """The quality gate (jaxinfer.quality) against the float model: bytes, perplexity on held-out
+    text, KL(float || this) per token (mean, p99) and top-1 agreement, through the paged attention
+    with the run's KV dtype; greedy-continuation agreement through the Engine (experiment.greedy_tokens);
+    and speed (experiment.speed)."""
+    from jaxinfer import quality as q
+    from jaxinfer.checkpoint import load_draft
+
+    cfg, spec = run.cfg, ctx.spec
     model, tok, label = ctx.model(cfg)
-    ref_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, quant="none", quant_lm_head="none",
-                                                                 quant_embed=False, quant_asymmetric=False))
-    key = ("quality_ref", ref_cfg.checkpoint, ref_cfg.model)
-    if "held_out" not in ctx.cache:  # one tokenization per experiment: every variant scores the same windows
-        ctx.cache["held_out"] = held_out(tok, ctx.spec.eval_stories, ctx.spec.eval_len)
-    windows = ctx.cache["held_out"]
+    if "held_out" not in ctx.cache:  # one tokenization per experiment: every variant scores the same text
+        ctx.cache["held_out"] = held_out(tok, spec.eval_stories, spec.eval_len)
+        ctx.cache["greedy_prompts"] = story_prompts(tok, spec.greedy_prompts, spec.greedy_prompt_len)
+    windows, prompts = ctx.cache["held_out"], ctx.cache["greedy_prompts"]
+    ref_cfg = q.reference_config(cfg)
+    key = ("quality_ref", ref_cfg.checkpoint, ref_cfg.model, ref_cfg.engine)
     if key not in ctx.cache:
-        ctx.cache[key] = _log_probs(ctx.model(ref_cfg)[0], windows)
-    ref = ctx.cache[key]
-    lp = _log_probs(model, windows)
-    targets = windows[:, 1:, None]
-    nll = -np.take_along_axis(lp, targets, -1).mean()
-    kl = (np.exp(ref) * (ref - lp)).sum(-1).mean()
-    row = {"ppl": math.exp(nll), "ppl_ref": math.exp(-np.take_along_axis(ref, targets, -1).mean()),
-           "kl": float(kl), "agreement": float((lp.argmax(-1) == ref.argmax(-1)).mean()),
-           "eval_tokens": int(targets.size), "model": label}
-    return [row | _decode_speed(model, cfg, ctx)], []
+        ctx.cache[key] = q.evaluate_reference(cfg, windows, prompts, spec.greedy_tokens, lambda c: ctx.model(c)[:2])
+    draft = load_draft(cfg, model, tok)
+    row = q.evaluate(cfg, model, tok, draft, windows, prompts, spec.greedy_tokens, ctx.cache[key]) | {"model": label}
+    if spec.speed == "engine":
+        speed, _ = _engine_speed(model, tok, cfg, ctx, draft)
+        return [row | {k: v for k, v in speed.items() if k not in row}], []
+    return [row | {k: v for k, v in _decode_speed(model, cfg, ctx).items() if k not in row}], []
 
 
 def story_prompts(tok, num: int, length: int) -> list[list[int]]:

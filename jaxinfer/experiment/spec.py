@@ -76,6 +76,14 @@ class ExperimentSpec:
     # quality: held-out stories (the validation split of the reference corpus) and window length
     eval_stories: int = 100
     eval_len: int = 128
+    # quality: greedy continuations through the Engine against the float model's (0: none), from
+    # greedy_prompts story openings of greedy_prompt_len tokens; and how speed is timed: generate
+    # (batch decode through the dense-cache generate()) or engine (Engine.generate over story
+    # prompts: paged KV cache, so kv_cache_dtype and speculative decoding count)
+    greedy_tokens: int = 0
+    greedy_prompts: int = 8
+    greedy_prompt_len: int = 16
+    speed: str = "generate"
     # compile: TPU topologies and kernel/step cases (empty: all), and whether to export for CUDA
     topologies: tuple[str, ...] = ("v5e", "v5p", "v6e")
     cases: tuple[str, ...] = ()
@@ -94,7 +102,12 @@ class ExperimentSpec:
             close = difflib.get_close_matches(self.kind, KINDS, n=1)
             raise ValueError(f"experiment.kind='{self.kind}' is unknown; choose from {', '.join(KINDS)}"
                              + (f" (did you mean '{close[0]}'?)" if close else ""))
-        for name in ("repeats", "bandwidth_mb", "matmul_size", "eval_stories", "eval_len"):
+        if self.speed not in ("generate", "engine"):
+            raise ValueError(f"experiment.speed='{self.speed}': use generate or engine")
+        if self.greedy_tokens < 0:
+            raise ValueError(f"experiment.greedy_tokens={self.greedy_tokens}: must be >= 0 (0: no continuations)")
+        for name in ("repeats", "bandwidth_mb", "matmul_size", "eval_stories", "eval_len", "greedy_prompts",
+                     "greedy_prompt_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"experiment.{name}={getattr(self, name)}: must be >= 1")
         for section in ("sweep", "zip"):

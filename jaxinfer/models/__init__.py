@@ -38,7 +38,12 @@ class Model:
 
 
 def abstract_params(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
-    """Graphdef and parameter shapes/dtypes, without allocating anything."""
+    """Graphdef and parameter shapes/dtypes, without allocating anything (a quantized config:
+    the quantized params, models.quantize.abstract_quantized)."""
+    if cfg.quant != "none" or cfg.quant_lm_head != "none" or cfg.quant_embed:
+        from jaxinfer.models.quantize import abstract_quantized
+
+        return abstract_quantized(cfg)
     module = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
     return nnx.split(module)
 

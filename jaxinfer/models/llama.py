@@ -161,12 +161,14 @@ class Transformer(nnx.Module):
         return QuantArray(values, scales, 4 if int4 else 8, self.cfg.quant_group_size if int4 else 0, offsets,
                           8 if mode == "w8a8" else 0)
 
-    def _linear(self, x, p, name, out_shape):
+    def _linear(self, x, p, name, out_shape, tap=None):
         """x @ p[name], the weight as a matrix [inputs, outputs] (a free reshape of its stored
         [in..., out...]) and x's contracted axes flattened to match: a dot over float weights, or
         kernels.quant_matmul over quantized ones. A dot contracting two axes (wo: heads x head_dim)
         let XLA CPU transpose the whole weight in every Engine step (~10 ms a step at 124.7M)."""
         lead = x.shape[:2]  # [B, T]
+        if tap is not None:  # models.awq: this matmul's input, flattened as the weight sees it
+            tap(name, x.reshape(*lead, -1))
         if name + "_scale" not in p:
             w = p[name]
             w = w.reshape(math.prod(w.shape[:len(self.LINEAR[name][0])]), -1)
@@ -183,37 +185,39 @@ class Transformer(nnx.Module):
             return {n: getattr(self, n)[...] for n in present}
         return [{n: getattr(self, n)[i][...] for n in present} for i in range(self.cfg.num_layers)]
 
-    def _block(self, p, x, cos, sin, attend):
-        """One layer. p: this layer's params; attend(q, k, v) -> (cache, attention output)."""
+    def _block(self, p, x, cos, sin, attend, tap=None):
+        """One layer. p: this layer's params; attend(q, k, v) -> (cache, attention output);
+        tap(name, x): sees each linear layer's input (calibration)."""
         cfg = self.cfg
         h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
         N, K, H, D = cfg.num_q_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
-        q = self._linear(h, p, "wq", (N, H))
-        k = self._linear(h, p, "wk", (K, H))
-        v = self._linear(h, p, "wv", (K, H))
+        q = self._linear(h, p, "wq", (N, H), tap)
+        k = self._linear(h, p, "wk", (K, H), tap)
+        v = self._linear(h, p, "wv", (K, H), tap)
         if "bq" in p:
             q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
         if "q_norm" in p:  # Qwen3: per-head RMSNorm before RoPE
             q, k = rms_norm(q, p["q_norm"], cfg.rms_norm_eps), rms_norm(k, p["k_norm"], cfg.rms_norm_eps)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         cache, a = attend(q, k, v)
-        a = self._linear(a, p, "wo", (D,))
+        a = self._linear(a, p, "wo", (D,), tap)
         if "bo" in p:
             a = a + p["bo"]
         x = x + a
         h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
         F = cfg.ffw_size
-        g = self._linear(h, p, "w_gate", (F,))
-        u = self._linear(h, p, "w_up", (F,))
-        return x + self._linear(jax.nn.silu(g) * u, p, "w_down", (D,)), cache
+        g = self._linear(h, p, "w_gate", (F,), tap)
+        u = self._linear(h, p, "w_up", (F,), tap)
+        return x + self._linear(jax.nn.silu(g) * u, p, "w_down", (D,), tap), cache
 
-    def __call__(self, tokens, positions, cache=None, kv_len: int | None = None, attend=None):
+    def __call__(self, tokens, positions, cache=None, kv_len: int | None = None, attend=None, tap=None):
         """tokens, positions: [B, T] int32 -> (final-normed hidden [B, T, D], cache).
 
         `attend(cache, layer, q, k, v) -> (cache, out [B, T, N, H])` owns the KV cache: it writes
         this chunk's k/v and attends over what the cache holds (paged: see step.py). By default,
         with a `DenseKVCache` the chunk writes at slots `positions` and attends to slots
         [0, kv_len) (static; default all); with no cache the chunk attends to itself.
+        `tap(layer, name, x)` sees every linear layer's input (unrolled layers only: models.awq).
         """
         chex.assert_rank(tokens, 2)
         chex.assert_equal_shape([tokens, positions])
@@ -235,10 +239,13 @@ class Transformer(nnx.Module):
         def body(carry, xs):
             x, cache = carry
             p, layer = xs
-            x, cache = self._block(p, x, cos, sin, partial(attend, cache, layer))
+            x, cache = self._block(p, x, cos, sin, partial(attend, cache, layer),
+                                   None if tap is None else partial(tap, layer))
             return (x, cache), None
 
         if self.cfg.scan_layers:
+            if tap is not None:
+                raise ValueError("tap needs unrolled layers (scan_layers: false)")
             layers = jnp.arange(self.cfg.num_layers)
             (x, cache), _ = jax.lax.scan(body, (x, cache), (self._layer_params(), layers))
         else:

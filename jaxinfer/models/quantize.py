@@ -35,6 +35,12 @@ def check(cfg) -> None:
     if cfg.quant_embed and cfg.tie_embeddings and cfg.quant_lm_head == "none":
         raise ValueError("model.quant_embed with tied embeddings: the LM head reads the same table, so it needs "
                          "model.quant_lm_head (int8 or int4) to get its own copy; set quant_lm_head: int8")
+    if cfg.quant_method not in ("rtn", "awq"):
+        raise ValueError(f"model.quant_method='{cfg.quant_method}' is not supported; use rtn or awq")
+    if cfg.quant_method == "awq" and cfg.quant not in ("int8", "int4"):
+        raise ValueError(f"model.quant_method=awq needs model.quant int8 or int4 (weight-only), got {cfg.quant}")
+    if cfg.quant_calibration_tokens < 1:
+        raise ValueError(f"model.quant_calibration_tokens={cfg.quant_calibration_tokens}: must be >= 1")
     if cfg.quant == "none":
         if cfg.quant_asymmetric:
             raise ValueError("model.quant_asymmetric is for model.quant=int4")
@@ -96,6 +102,29 @@ def quantize_model(model: Model, quant: str, group_size: int = 128, matmul_impl:
                     [nnx.Param(parts[suffix], out_sharding=names[suffix], eager_sharding=False) for parts in layers])))
     graphdef, params = nnx.split(module)
     return Model(cfg, graphdef, params)
+
+
+def float_config(cfg):
+    """cfg without weight quantization (the model a quantized one was made from)."""
+    return dataclasses.replace(cfg, quant="none", quant_lm_head="none", quant_embed=False, quant_asymmetric=False)
+
+
+def abstract_quantized(cfg):
+    """(graphdef, abstract params) of the quantized model `cfg` describes, allocating nothing:
+    what a saved quantized checkpoint restores into."""
+    from jaxinfer.models import abstract_params
+
+    graphdef, abstract = abstract_params(float_config(cfg))
+    box = {}
+
+    def fn(params):
+        q = quantize_model(Model(float_config(cfg), graphdef, params), cfg.quant, cfg.quant_group_size,
+                           cfg.matmul_impl, cfg.quant_asymmetric, cfg.quant_lm_head, cfg.quant_embed)
+        box["graphdef"] = q.graphdef
+        return q.params
+
+    shapes = jax.eval_shape(fn, abstract)  # runs fn once on shapes: box holds the quantized graphdef
+    return box["graphdef"], shapes
 
 
 def quantized_shapes(model: Model) -> dict[tuple[int, ...], str]:
