@@ -20,6 +20,8 @@ FORMATS = {
     "compile_s": ("compile s", "{:.2f}"), "weight_mib": ("weights MiB", "{:.1f}"), "read_gb_s": ("read GB/s", "{:.1f}"),
     "peak_gflops": ("peak GFLOP/s", "{:.0f}"), "ppl": ("perplexity", "{:.3f}"), "ppl_ref": ("ppl (float)", "{:.3f}"),
     "kl": ("KL vs float", "{:.2e}"), "agreement": ("argmax agreement", "{:.1%}"),
+    "kl_p99": ("KL p99", "{:.2e}"), "greedy_agreement": ("greedy agreement", "{:.1%}"),
+    "gen_kl": ("KL along greedy", "{:.1e}"), "kv_bytes_per_token": ("KV B / token", "{:.0f}"),
     "spec_per_token_acceptance": ("a", "{:.2f}"), "spec_mean_accepted_length": ("tok / verify", "{:.2f}"),
     "predicted_speedup": ("predicted x", "{:.2f}"), "c": ("c", "{:.2f}"),
     "kv_slot_occupancy_mean": ("KV slot occupancy", "{:.2f}"), "kv_pages_used_max": ("KV pages max", "{:.0f}"),
