@@ -252,6 +252,9 @@ def cmd_eval(args) -> int:
         raise ValueError(f"eval: --tokens={args.tokens} must be >= 0 (0: no greedy continuations)")
     model, tok, _, label = build(cfg)
     windows = held_out(tok, args.stories, args.window)
+    if not len(windows):
+        raise ValueError(f"eval: --stories {args.stories} give less than one window of --window {args.window} + 1 "
+                         "tokens; raise --stories or lower --window")
     prompts = story_prompts(tok, args.prompts, args.prompt_len)
     ref = quality.evaluate_reference(cfg, windows, prompts, args.tokens, lambda c: build(c)[:2])
     row = quality.evaluate(cfg, model, tok, load_draft(cfg, model, tok), windows, prompts, args.tokens, ref)
@@ -450,7 +453,7 @@ def parser() -> argparse.ArgumentParser:
                                         "saved as an orbax folder that loads without calibration")
     q.add_argument("--config", help="a run YAML (default: jaxinfer/presets/default.yaml; none with --model)")
     q.add_argument("--model", help="the float checkpoint folder (default: the config's)")
-    q.add_argument("--out", required=True, help="an empty or new folder")
+    q.add_argument("--out", required=True, help="an empty or new folder (required: no default)")
     q.add_argument("--force", action="store_true", help="replace params/ and jaxinfer.yaml in a non-empty --out")
     q.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.quant=int4 model.quant_method=awq "
                                                 "model.quant_group_size=32")
@@ -459,8 +462,8 @@ def parser() -> argparse.ArgumentParser:
                                      "against its float model: perplexity, KL, top-1 and greedy agreement")
     ev.add_argument("--config", help="a run YAML (default: jaxinfer/presets/default.yaml; none with --model)")
     ev.add_argument("--model", help="a checkpoint folder (default: the config's)")
-    ev.add_argument("--stories", type=int, default=32, help="held-out stories scored (default: 32)")
-    ev.add_argument("--window", type=int, default=128, help="tokens per scored window (default: 128)")
+    ev.add_argument("--stories", type=int, default=32, help="held-out stories scored, >= 1 (default: 32)")
+    ev.add_argument("--window", type=int, default=128, help="tokens per scored window, >= 1 (default: 128)")
     ev.add_argument("--prompts", type=int, default=8, help="story openings continued greedily (default: 8)")
     ev.add_argument("--prompt-len", type=int, default=16, help="tokens per opening (default: 16)")
     ev.add_argument("--tokens", type=int, default=32, help="greedy tokens per opening, 0: none (default: 32)")

@@ -125,7 +125,7 @@ def greedy(ref: Continuations, var: Continuations) -> dict:
 def reference_config(cfg):
     """The float model of a run config: no weight quantization (any form), KV pages in the model's
     dtype, no speculative decoding; everything else (checkpoint, dtype, engine shape) the same."""
-    from jaxinfer.models.quantize import float_config
+    from jaxinfer.models import float_config
 
     m = dataclasses.replace(float_config(cfg.model), quant_method="rtn")
     e = dataclasses.replace(cfg.engine, kv_cache_dtype="auto",

@@ -155,3 +155,5 @@ def test_eval_command_reports_and_gates(tmp_path, capsys):
     assert main(base + ["--max-kl", "1e-9", "model.dtype=float32", "model.quant=int4"]) == 1
     assert "gate failed: KL mean" in capsys.readouterr().err
     assert main(base[:1] + ["--tokens", "-1"]) == 2
+    assert main(base[:1] + ["--stories", "1", "--window", "4000"]) == 2
+    assert "less than one window" in capsys.readouterr().err

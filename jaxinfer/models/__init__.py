@@ -56,9 +56,15 @@ def _create(cfg: ModelConfig, seed):
     return nnx.split(Transformer(cfg, rngs=nnx.Rngs(jax.random.key(seed))))[1]
 
 
+def float_config(cfg: ModelConfig) -> ModelConfig:
+    """cfg without weight quantization (the model a quantized one is made from)."""
+    return dataclasses.replace(cfg, quant="none", quant_lm_head="none", quant_embed=False, quant_asymmetric=False)
+
+
 def init_model(cfg: ModelConfig, seed: int = 0) -> Model:
-    """Random init at real shapes, computed on device by one jitted function (no host copy first)."""
-    cfg = dataclasses.replace(cfg, dtype=resolve_dtype(cfg.dtype))
+    """Random init at real shapes, computed on device by one jitted function (no host copy first):
+    float weights (a config's quantization applies afterwards: models.quantize.quantize_model)."""
+    cfg = float_config(dataclasses.replace(cfg, dtype=resolve_dtype(cfg.dtype)))
     graphdef, _ = abstract_params(cfg)
     return Model(cfg, graphdef, _create(cfg, seed))
 

@@ -18,7 +18,7 @@ from flax import nnx
 
 from jaxinfer.kernels.quant_matmul import quantize
 from jaxinfer.kernels.quant_matmul.reference import GROUP_SIZES
-from jaxinfer.models import Model
+from jaxinfer.models import Model, float_config
 from jaxinfer.models.llama import Transformer
 
 BITS = {"int8": (8, False), "int4": (4, True), "w8a8": (8, False)}  # mode -> (weight bits, grouped)
@@ -102,11 +102,6 @@ def quantize_model(model: Model, quant: str, group_size: int = 128, matmul_impl:
                     [nnx.Param(parts[suffix], out_sharding=names[suffix], eager_sharding=False) for parts in layers])))
     graphdef, params = nnx.split(module)
     return Model(cfg, graphdef, params)
-
-
-def float_config(cfg):
-    """cfg without weight quantization (the model a quantized one was made from)."""
-    return dataclasses.replace(cfg, quant="none", quant_lm_head="none", quant_embed=False, quant_asymmetric=False)
 
 
 def abstract_quantized(cfg):
