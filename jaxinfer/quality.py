@@ -161,8 +161,13 @@ def evaluate_reference(cfg, windows: np.ndarray, prompts: list[list[int]], greed
     its log-probabilities on `windows` and its greedy continuations of `prompts`."""
     from jaxinfer.engine import Engine
 
+    from jaxinfer.checkpoint import is_quantized
+
     ref_cfg = reference_config(cfg)
     model, tok = build(ref_cfg)
+    if is_quantized(model.cfg):
+        raise ValueError(f"checkpoint '{cfg.checkpoint}' is saved quantized: it has no float model to compare "
+                         "with; evaluate its float source with the quantization as overrides (e.g. model.quant=int4)")
     out = {"log_probs": paged_log_probs(model, windows, "auto", attention_impl=cfg.engine.attention_impl)}
     if greedy_tokens:
         engine = Engine(model, tok, gate_engine_config(ref_cfg, model), stop_ids=())

@@ -143,6 +143,8 @@ def test_quantized_checkpoint_saves_and_loads_as_stored_without_calibration(tmp_
         build(cfg(f"checkpoint={out}", "model.quant=int8"))
     assert main(["quantize", "--out", str(out), "checkpoint=" + TARGET, "model.quant=int8"]) == 2
     assert "exists and is not an empty folder" in capsys.readouterr().err
+    assert main(["eval", "--model", str(out), "--stories", "2", "--tokens", "0"]) == 2
+    assert "is saved quantized: it has no float model" in capsys.readouterr().err
 
 
 def test_eval_command_reports_and_gates(tmp_path, capsys):
