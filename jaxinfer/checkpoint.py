@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from jaxinfer.config import ModelConfig, RopeScaling, RunConfig, dump_yaml, load_config, resolve_path
-from jaxinfer.models import Model, abstract_params, resolve_dtype
+from jaxinfer.models import Model, abstract_params, is_quantized, resolve_dtype
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 CONVERTED_CONFIG = "jaxinfer.yaml"
@@ -198,10 +198,6 @@ def load_hf(folder: str | Path, dtype: str = "auto") -> Model:
                               f"{unused[:3]}; refusing to drop weights silently")
     nnx.replace_by_pure_dict(abstract, values)
     return Model(cfg, graphdef, abstract)
-
-
-def is_quantized(cfg: ModelConfig) -> bool:
-    return cfg.quant != "none" or cfg.quant_lm_head != "none" or cfg.quant_embed
 
 
 def _quant_form(c: ModelConfig) -> str:

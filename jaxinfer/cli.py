@@ -215,7 +215,8 @@ def cmd_convert(args) -> int:
 
 
 def cmd_quantize(args) -> int:
-    from jaxinfer.checkpoint import build, is_quantized, resolve_path, save_converted
+    from jaxinfer.checkpoint import build, resolve_path, save_converted
+    from jaxinfer.models import is_quantized
 
     cfg = _load(args)
     cfg = dataclasses.replace(cfg, checkpoint=args.model or cfg.checkpoint)

@@ -161,7 +161,7 @@ def evaluate_reference(cfg, windows: np.ndarray, prompts: list[list[int]], greed
     its log-probabilities on `windows` and its greedy continuations of `prompts`."""
     from jaxinfer.engine import Engine
 
-    from jaxinfer.checkpoint import is_quantized
+    from jaxinfer.models import is_quantized
 
     ref_cfg = reference_config(cfg)
     model, tok = build(ref_cfg)

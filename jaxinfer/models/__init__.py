@@ -40,7 +40,7 @@ class Model:
 def abstract_params(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
     """Graphdef and parameter shapes/dtypes, without allocating anything (a quantized config:
     the quantized params, models.quantize.abstract_quantized)."""
-    if cfg.quant != "none" or cfg.quant_lm_head != "none" or cfg.quant_embed:
+    if is_quantized(cfg):
         from jaxinfer.models.quantize import abstract_quantized
 
         return abstract_quantized(cfg)
@@ -54,6 +54,11 @@ def _create(cfg: ModelConfig, seed):
     # the 2-core CPU, nearly all of it threefry. (RBG compiles in 2.1 s, but changes every test's
     # random weights: the engine-vs-dense greedy test then met a near-tie at token 15.)
     return nnx.split(Transformer(cfg, rngs=nnx.Rngs(jax.random.key(seed))))[1]
+
+
+def is_quantized(cfg: ModelConfig) -> bool:
+    """Whether cfg asks for any weight quantization (linear layers, LM head or embedding table)."""
+    return cfg.quant != "none" or cfg.quant_lm_head != "none" or cfg.quant_embed
 
 
 def float_config(cfg: ModelConfig) -> ModelConfig:
