@@ -20,10 +20,12 @@ UNSUPPORTED = {"tpu": tpu.unsupported, "gpu": gpu.unsupported, "cpu": cpu.unsupp
 __all__ = ["FLOAT_IMPLS", "IMPLS", "QuantArray", "dequantize", "float_matmul", "quant_matmul", "quantize"]
 
 FLOAT_IMPLS = ("auto", "xla", "cpu")
-# auto takes the cpu kernel up to this many rows of x (one pass over W for all of them). Engine
-# decode TPOT at 124.7M, kernel vs XLA's dot, medians in one run: batch 1 24.1 vs 25.9 ms, batch 4
-# 35.5 vs 51.8; at batch 8 to 32 (two or more passes over W) XLA's dot was as fast or faster.
-FLOAT_ROWS = 4
+# auto takes the cpu kernel up to this many rows of x. Up to 4 rows it streams W once for all of
+# them; above, it multiplies register tiles against float panels of W (cpu.cc, the blocked path).
+# Measured on the 2-core AMD EPYC: Engine batch-32 float32 TPOT 117-127 ms with the kernel vs
+# 144-159 ms on XLA's dot, one process; `python experiments/quant_gemv.py --rows 8 32 64` (one
+# step's 85 matmuls) 1.38x XLA at 8 rows, 1.18x at 32, 1.09x at 64, so prefill chunks stay on XLA.
+FLOAT_ROWS = 32
 
 
 def quant_matmul(x, q: QuantArray, *, impl: str = "auto"):

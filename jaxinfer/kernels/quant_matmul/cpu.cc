@@ -287,12 +287,141 @@ void drive(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K, int64_t 
       for (int64_t n = 0; n < N; ++n) out[m * N + n] *= col_scale[n];
 }
 
+// The blocked path, for many rows of x (M > MT; `rows_blocked` in cpu.py says when): the streaming
+// loops above make M / MT passes over W, each reading and widening it again, and keep their sums
+// in memory. Here each task owns a block of NC columns; per KC rows of K it widens (int8 / int4:
+// dequantizes) that block of W once into a float panel, then multiplies every row of x against
+// it with an MR x NR register tile (the sums stay in registers across the KC rows), the classic
+// GEMM micro-kernel without packing x. Summation order differs from the streaming loops; both are
+// float32 sums of the same products.
+constexpr int64_t KC = 256;  // rows of K per panel (KC x NC floats: 128 KiB, inside L2)
+constexpr int64_t NC = 128;  // columns per task
+constexpr int64_t MR = 6;    // rows of x per register tile
+#if VW
+constexpr int64_t NR = 2 * VW;  // columns per register tile: two vectors
+#else
+constexpr int64_t NR = 8;
+#endif
+
+// c[m][0, NR) += sum_k a[m * lda + k] * panel[k * NR_stride + j] for k < kc: one register tile.
+template <int64_t kMr>
+static inline void tile(const float* a, int64_t lda, const float* panel, int64_t ldp, int64_t kc, float* c,
+                        int64_t ldc, int64_t ncols, bool first) {
+#if VW
+  vf acc[kMr][2];
+  for (int64_t m = 0; m < kMr; ++m) acc[m][0] = acc[m][1] = vset1(0.f);
+  for (int64_t k = 0; k < kc; ++k) {
+    const vf w0 = vload(panel + k * ldp), w1 = vload(panel + k * ldp + VW);
+    for (int64_t m = 0; m < kMr; ++m) {
+      const vf xv = vset1(a[m * lda + k]);
+      acc[m][0] = vfma(xv, w0, acc[m][0]);
+      acc[m][1] = vfma(xv, w1, acc[m][1]);
+    }
+  }
+  float tmp[NR];
+  for (int64_t m = 0; m < kMr; ++m) {
+    vstore(tmp, acc[m][0]);
+    vstore(tmp + VW, acc[m][1]);
+    float* cm = c + m * ldc;
+    for (int64_t j = 0; j < ncols; ++j) cm[j] = first ? tmp[j] : cm[j] + tmp[j];
+  }
+#else
+  float acc[kMr][NR] = {};
+  for (int64_t k = 0; k < kc; ++k)
+    for (int64_t m = 0; m < kMr; ++m)
+      for (int64_t j = 0; j < NR; ++j) acc[m][j] += a[m * lda + k] * panel[k * ldp + j];
+  for (int64_t m = 0; m < kMr; ++m)
+    for (int64_t j = 0; j < ncols; ++j) c[m * ldc + j] = first ? acc[m][j] : c[m * ldc + j] + acc[m][j];
+#endif
+}
+
+template <typename F>
+inline void by_tile_rows(int64_t mr, F f) {  // f(std::integral_constant<int64_t, mr>) for mr in 1..MR
+  switch (mr) {
+    case 1: return f(std::integral_constant<int64_t, 1>());
+    case 2: return f(std::integral_constant<int64_t, 2>());
+    case 3: return f(std::integral_constant<int64_t, 3>());
+    case 4: return f(std::integral_constant<int64_t, 4>());
+    case 5: return f(std::integral_constant<int64_t, 5>());
+    default: return f(std::integral_constant<int64_t, 6>());
+  }
+}
+
+// widen(k0, kc, n0, nb, panel, ldp) writes W[k0 : k0 + kc, n0 : n0 + nb] as float32 (dequantized)
+// into panel rows of ldp floats; columns nb..ldp are zero.
+template <typename Widen>
+void drive_blocked(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K, int64_t N, int64_t unit, float* out,
+                   Widen widen) {
+  const int64_t kc_step = std::max<int64_t>(unit, KC / unit * unit);
+  const int64_t blocks = (N + NC - 1) / NC;
+  parallel_tasks(pool, blocks, [=](int64_t b) {
+    const int64_t n0 = b * NC, nb = std::min(NC, N - n0), ldp = (nb + NR - 1) / NR * NR;
+    float* panel = buffer(1, kc_step * ldp);
+    for (int64_t k0 = 0; k0 < K; k0 += kc_step) {
+      const int64_t kc = std::min(kc_step, K - k0);
+      widen(k0, kc, n0, nb, panel, ldp);
+      for (int64_t m0 = 0; m0 < M; m0 += MR) {
+        const int64_t mr = std::min(MR, M - m0);
+        for (int64_t j0 = 0; j0 < nb; j0 += NR)
+          by_tile_rows(mr, [&](auto kMr) {
+            tile<decltype(kMr)::value>(x + m0 * K + k0, K, panel + j0, ldp, kc, out + m0 * N + n0 + j0, N,
+                                       std::min(NR, nb - j0), k0 == 0);
+          });
+      }
+    }
+  });
+}
+
+// Widening int8 / float32 W (times the channel scale, if any) into a panel.
+template <typename T>
+void widen_dense(const T* w, int64_t N, const float* col_scale, int64_t k0, int64_t kc, int64_t n0, int64_t nb,
+                 float* panel, int64_t ldp) {
+  for (int64_t k = 0; k < kc; ++k) {
+    const T* src = w + (k0 + k) * N + n0;
+    float* dst = panel + k * ldp;
+    if (col_scale) {
+      for (int64_t j = 0; j < nb; ++j) dst[j] = static_cast<float>(src[j]) * col_scale[n0 + j];
+    } else {
+      for (int64_t j = 0; j < nb; ++j) dst[j] = static_cast<float>(src[j]);
+    }
+    for (int64_t j = nb; j < ldp; ++j) dst[j] = 0.f;
+  }
+}
+
+// Widening packed int4 W (scales, and offsets if asymmetric, per group of rows) into a panel.
+template <bool kSigned>
+void widen_int4(const uint8_t* w, int64_t N, const float* scales, const float* offsets, int64_t group, int64_t k0,
+                int64_t kc, int64_t n0, int64_t nb, float* panel, int64_t ldp) {
+  for (int64_t k = 0; k < kc; ++k) {
+    const int64_t kk = k0 + k, g = kk / group;
+    const uint8_t* src = w + (kk / 2) * N + n0;
+    const float* s = scales + g * N + n0;
+    const float* o = offsets ? offsets + g * N + n0 : nullptr;
+    float* dst = panel + k * ldp;
+    const int shift = (kk & 1) * 4;
+    for (int64_t j = 0; j < nb; ++j) {
+      const uint8_t v = src[j];
+      const float q = kSigned ? static_cast<float>(static_cast<int8_t>(static_cast<uint8_t>(v << (4 - shift))) >> 4)
+                              : static_cast<float>((v >> shift) & 15);
+      dst[j] = o ? q * s[j] + o[j] : q * s[j];
+    }
+    for (int64_t j = nb; j < ldp; ++j) dst[j] = 0.f;
+  }
+}
+
 // int8 and float32 W: four rows of W at a time (Rows loads and widens them), then int8's channel
 // scales (col_scale; none for float32).
 template <typename Rows, typename T>
 void dense_matmul(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& x, const T* wp, int64_t N, const float* col_scale,
                   ffi::ResultBuffer<ffi::F32>& out) {
   const int64_t M = x.dimensions()[0], K = x.dimensions()[1];
+  if (M > MT) {
+    drive_blocked(pool, x.typed_data(), M, K, N, 1, out->typed_data(),
+                  [=](int64_t k0, int64_t kc, int64_t n0, int64_t nb, float* panel, int64_t ldp) {
+                    widen_dense(wp, N, col_scale, k0, kc, n0, nb, panel, ldp);
+                  });
+    return;
+  }
   drive(pool, x.typed_data(), M, K, N, std::min<int64_t>(K, 64), col_scale, out->typed_data(),
         [=](auto kMt, const float* xt, int64_t k0, int64_t k1, int64_t n0, int64_t nb, float* const* acc,
             float* const*) { dense_rows<decltype(kMt)::value, T, Rows>(xt, K, wp, N, n0, nb, k0, k1, acc); });
@@ -315,6 +444,16 @@ ffi::Error Int4Common(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& x, ffi::Buff
   const int64_t M = x.dimensions()[0], K = x.dimensions()[1], N = w.dimensions()[1];
   if (group <= 0 || group % 2 || K % group) return ffi::Error::InvalidArgument("int4: group must be even and divide K");
   const uint8_t* wp = w.typed_data();
+  if (M > MT) {
+    drive_blocked(pool, x.typed_data(), M, K, N, group, out->typed_data(),
+                  [=](int64_t k0, int64_t kc, int64_t n0, int64_t nb, float* panel, int64_t ldp) {
+                    if (offp)
+                      widen_int4<false>(wp, N, sp, offp, group, k0, kc, n0, nb, panel, ldp);
+                    else
+                      widen_int4<true>(wp, N, sp, nullptr, group, k0, kc, n0, nb, panel, ldp);
+                  });
+    return ffi::Error::Success();
+  }
   drive(pool, x.typed_data(), M, K, N, group, nullptr, out->typed_data(),
         [=](auto kMt, const float* xt, int64_t k0, int64_t k1, int64_t n0, int64_t nb, float* const* acc,
             float* const* part) {

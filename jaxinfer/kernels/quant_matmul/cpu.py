@@ -1,6 +1,8 @@
 """`x @ W` on the CPU: XLA FFI custom calls (cpu.cc) that read the int8 / packed int4 bytes every
 call and never build a float copy of the weight (`reference.py` is the specification), and the
-same loops over float32 W (`float_matmul`: each weight vector read once for every row of x).
+same kernels over float32 W (`float_matmul`). Up to 4 rows of x each weight vector is read once for
+every row; above that each block of W is widened once into a float panel and multiplied with
+register tiles of x (the GEMM micro-kernel of cpu.cc's blocked path).
 
 Why a custom call: XLA's CPU backend has no fast path for it. Its int8 x int8 -> int32 dot is a
 scalar loop at M = 1, every library fusion (XNNPACK, YNNPACK, oneDNN) packs the weight on each call
