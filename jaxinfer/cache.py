@@ -90,12 +90,6 @@ class PagedKVCache:
         return PagedKVCache(self.k.at[at].set(kq, mode="drop"), self.v.at[at].set(vq, mode="drop"),
                             self.k_scale.at[at].set(ks, mode="drop"), self.v_scale.at[at].set(vs, mode="drop"))
 
-    def layer(self, layer) -> tuple:
-        """(k pages, v pages, k scales, v scales) of one layer: [K, P, C, H] twice, [K, P, C] or None."""
-        if not self.quantized:
-            return self.k[layer], self.v[layer], None, None
-        return self.k[layer], self.v[layer], self.k_scale[layer], self.v_scale[layer]
-
     def poison(self, pages) -> "PagedKVCache":
         """NaN into `pages` [n] (debug: proves freed pages are never read); P drops padding.
         Quantized pages get NaN scales, so their values read as NaN."""

@@ -65,9 +65,9 @@ def paged_attend(cache: PagedKVCache, layer, q, k, v, *, batch: StepBatch, layou
     """q [1, N, Nh, H], k/v [1, N, K, H] -> (cache with k/v written, attention output [1, N, Nh, H])."""
     cache = cache.write(layer, k[0], v[0], batch.slots)
     nh, h = q.shape[2:]
-    k_pages, v_pages, k_scales, v_scales = cache.layer(layer)
-    attend = partial(paged_attention, k_pages=k_pages, v_pages=v_pages, k_scales=k_scales, v_scales=v_scales,
-                     sliding_window=sliding_window, impl=impl)
+    # the whole cache and the layer: the dispatcher slices, or a CPU kernel reads the layer in place
+    attend = partial(paged_attention, k_pages=cache.k, v_pages=cache.v, k_scales=cache.k_scale,
+                     v_scales=cache.v_scale, layer=layer, sliding_window=sliding_window, impl=impl)
     parts = []
     for g in layout.groups:
         rows, toks = slice(g.first_row, g.first_row + g.num_rows), slice(g.first_token, g.first_token + g.num_rows * g.query_len)

@@ -1,4 +1,5 @@
-"""Conformance: every Pallas kernel equals its jnp reference, run by the Pallas interpreter on CPU.
+"""Conformance: every Pallas kernel equals its jnp reference, run by the Pallas interpreter on CPU
+(and the CPU FFI paged-attention kernel, run natively).
 
 TPU kernels run under TPU interpret mode with race detection on and uninitialized memory poisoned
 with NaN; GPU kernels under the generic interpreter. Unused cache slots hold NaN, so a kernel that
@@ -18,7 +19,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jaxinfer import kernels
 from jaxinfer.kernels import paged_attention as pa
 from jaxinfer.kernels import quant_matmul as qm
-from jaxinfer.kernels.paged_attention import gpu as pa_gpu, reference as pa_ref, tpu as pa_tpu
+from jaxinfer.kernels.paged_attention import cpu as pa_cpu, gpu as pa_gpu, reference as pa_ref, tpu as pa_tpu
 from jaxinfer.kernels.quant_matmul import gpu as qm_gpu, tpu as qm_tpu
 
 # Two cores share the "parallel" grid axes in a random order, as on a megacore chip.
@@ -26,7 +27,9 @@ STRICT_TPU = pltpu.InterpretParams(detect_races=True, uninitialized_memory="nan"
 RUNNERS = {
     "tpu": lambda fn: lambda *a, **k: fn(*a, interpret=STRICT_TPU, **k),
     "gpu": lambda fn: lambda *a, **k: fn(*a, interpret=True, **k),
+    "cpu": lambda fn: jax.jit(fn, static_argnames=("sliding_window", "soft_cap")),
 }
+PA = {"tpu": pa_tpu, "gpu": pa_gpu, "cpu": pa_cpu}
 # |kernel - reference| <= TOL * max|reference| (bf16: the kernel rounds p to bf16 per page, the
 # reference once per row; f32 differs only in summation order).
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
@@ -112,7 +115,7 @@ SLOW = [
 
 
 def supported(impl, case, args):
-    mod = {"tpu": pa_tpu, "gpu": pa_gpu}[impl]
+    mod = PA[impl]
     return mod.unsupported(args["q"], args["k_pages"], args.get("k_scales")) is None
 
 
@@ -122,7 +125,7 @@ def check_attention(impl, case):
         pytest.skip(f"{impl} kernel does not take {case}")
     kw = dict(sliding_window=case.sliding_window, soft_cap=case.soft_cap)
     want = np.asarray(pa_ref.paged_attention(**args, **kw).astype(jnp.float32))
-    run = RUNNERS[impl]({"tpu": pa_tpu, "gpu": pa_gpu}[impl].paged_attention)
+    run = RUNNERS[impl](PA[impl].paged_attention)
     got = np.asarray(run(**args, **kw).astype(jnp.float32))
     assert got.shape == want.shape and np.isfinite(got).all()
     real = pos >= 0  # padding query slots are nobody's output
@@ -131,7 +134,7 @@ def check_attention(impl, case):
     assert (got[~real] == 0).all() and (want[~real] == 0).all()  # a query that sees nothing: zeros
 
 
-@pytest.mark.parametrize("impl", ["tpu", "gpu"])
+@pytest.mark.parametrize("impl", ["tpu", "gpu", "cpu"])
 @pytest.mark.parametrize("case", BASE, ids=str)
 def test_paged_attention_kernel_equals_reference(impl, case):
     check_attention(impl, case)
@@ -142,6 +145,14 @@ def test_paged_attention_kernel_equals_reference(impl, case):
 @pytest.mark.parametrize("case", SLOW, ids=str)
 def test_paged_attention_kernel_equals_reference_full_grid(impl, case):
     check_attention(impl, case)
+
+
+@pytest.mark.parametrize("case", [Case(kv_lens=(40, 3), soft_cap=5.0), *(dataclasses.replace(c, dtype=jnp.float32) for c in SLOW)],
+                         ids=str)
+def test_cpu_paged_attention_full_grid(case):
+    """The CPU kernel runs natively, so CI takes the whole grid in float32 (soft cap, long rows,
+    windows, int8 pages, a block table wider than needed)."""
+    check_attention("cpu", case)
 
 
 def test_gpu_kernel_splits_and_page_blocks_do_not_change_the_result():

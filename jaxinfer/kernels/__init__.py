@@ -1,7 +1,7 @@
 """Pallas kernels, each beside the plain-jnp `reference` that is its specification.
 
 Implementations are picked by name: `reference`, `tpu` (Pallas Mosaic TPU), `gpu` (Pallas GPU),
-`cpu` (an XLA FFI custom call in C++, built on first use: quant_matmul only),
+`cpu` (XLA FFI custom calls in C++, built on first use: quant_matmul and paged_attention),
 `tpu_interpret` / `gpu_interpret` (the same kernels run by the Pallas interpreter: any backend,
 slow, for tests), or `auto`: the kernel for this backend when it can take the inputs, else the
 reference, with one log line saying why.
@@ -26,7 +26,7 @@ def log_once(message: str) -> None:
 
 
 def select(what: str, impl: str, unsupported: dict, *args) -> tuple[str, dict]:
-    """-> (kernel name: reference | tpu | gpu, extra kwargs) for `impl`.
+    """-> (kernel name: reference | tpu | gpu | cpu, extra kwargs) for `impl`.
 
     `unsupported[name](*args)` says why kernel `name` cannot take these inputs (or None). An explicit
     name that cannot take them raises, naming the constraint; `auto` falls back to the reference

@@ -33,10 +33,14 @@ import numpy as np
 from jaxinfer.kernels.quant_matmul.reference import QuantArray, check_features
 
 SOURCE = Path(__file__).with_name("cpu.cc")
+# Every CPU kernel builds into one library: this file's matmuls, paged attention, their shared header.
+SOURCES = (SOURCE, SOURCE.parent.parent / "paged_attention" / "cpu.cc")
+HEADERS = (SOURCE.parent.parent / "cpu_common.h",)
 # JAXINFER_KERNEL_ARCH picks the -march target (default native: AVX-512 or AVX2 + FMA where the CPU
 # has them); the tests build x86-64-v3 (AVX2) and x86-64 (plain loops) too, so every path is run.
 FLAGS = ("-O3", f"-march={os.environ.get('JAXINFER_KERNEL_ARCH', 'native')}", "-std=c++17", "-shared", "-fPIC")
-TARGETS = {"f32": "JaxinferF32Matmul", "int8": "JaxinferInt8Matmul", "int4": "JaxinferInt4Matmul", "int4_asym": "JaxinferInt4AsymMatmul"}
+TARGETS = {"f32": "JaxinferF32Matmul", "int8": "JaxinferInt8Matmul", "int4": "JaxinferInt4Matmul", "int4_asym": "JaxinferInt4AsymMatmul",
+           "paged_attention": "JaxinferPagedAttention"}
 
 
 def compiler() -> str | None:
@@ -60,18 +64,19 @@ def build() -> Path:
         raise RuntimeError("matmul_impl 'cpu' needs a C++ compiler (set CXX, or install g++); "
                            "use matmul_impl: reference meanwhile")
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, cxx, *version, jaxlib.__version__]).encode())
-    out = cache_dir() / f"quant_matmul_{key.hexdigest()[:16]}.so"
+    texts = [f.read_text() for f in SOURCES + HEADERS]
+    key = hashlib.sha256("\0".join([*texts, *FLAGS, cxx, *version, jaxlib.__version__]).encode())
+    out = cache_dir() / f"jaxinfer_cpu_{key.hexdigest()[:16]}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     include = Path(jaxlib.__file__).parent / "include"
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:  # build aside, then rename: safe under races
         part = Path(tmp) / out.name
-        cmd = [cxx, *FLAGS, f"-I{include}", str(SOURCE), "-o", str(part)]
+        cmd = [cxx, *FLAGS, f"-I{include}", *map(str, SOURCES), "-o", str(part)]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode:
-            raise RuntimeError(f"building the CPU quant_matmul kernel failed ({' '.join(cmd)}):\n{done.stderr[-4000:]}")
+            raise RuntimeError(f"building the CPU kernels failed ({' '.join(cmd)}):\n{done.stderr[-4000:]}")
         os.replace(part, out)
     return out
 
@@ -94,10 +99,17 @@ def _build_error() -> str | None:
     return None
 
 
+def platform_problem() -> str | None:
+    """Why no CPU kernel runs here (the platform, then the build), or None."""
+    if sys.platform == "win32":
+        return "the CPU kernel is built for Linux and macOS"
+    return _build_error()
+
+
 def _unsupported(dtype_error: str | None) -> str | None:
     """Why the kernel cannot run here: the platform, the dtypes, then the build."""
     if sys.platform == "win32":
-        return "the CPU kernel is built for Linux and macOS"
+        return platform_problem()
     return dtype_error or _build_error()
 
 
