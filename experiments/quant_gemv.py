@@ -13,6 +13,7 @@ read per second, and the ratio to float32 measured in the same run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 
@@ -48,6 +49,7 @@ METHODS = {
     "int8 XLA int8 dot (w8a8)": ("int8", xla_int8_dot),
     "int8 fused convert-mul-reduce": ("int8T", fused_reduce),
     "int8 cpu kernel (FFI)": ("int8", cpu.quant_matmul),
+    "w8a8 cpu kernel (FFI, VNNI)": ("w8a8", cpu.quant_matmul),
     "int4/g128 reference": ("int4", reference.quant_matmul),
     "int4/g128 cpu kernel (FFI)": ("int4", cpu.quant_matmul),
 }
@@ -59,6 +61,8 @@ def prepare(form: str, w):
     if form == "int8T":
         q = quantize(jnp.asarray(w), 8)
         return reference.QuantArray(q.values.T, q.scales, 8, 0)
+    if form == "w8a8":
+        return dataclasses.replace(quantize(jnp.asarray(w), 8), act_bits=8)
     return quantize(jnp.asarray(w), 8) if form == "int8" else quantize(jnp.asarray(w), 4, 128)
 
 

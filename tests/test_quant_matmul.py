@@ -80,20 +80,26 @@ def test_w8a8_sums_int8_products_exactly_and_stays_near_the_float_dot():
         quant_matmul(x, dataclasses.replace(quantize(w, 4, 32), act_bits=8), impl="reference")
 
 
-@pytest.mark.parametrize("bits,group,asym", [(8, 0, False), (4, 32, False), (4, 128, False), (4, 64, True)])
-def test_cpu_kernel_equals_the_reference(bits, group, asym):
+@pytest.mark.parametrize("bits,group,asym,act_bits", [(8, 0, False, 0), (4, 32, False, 0), (4, 128, False, 0),
+                                                    (4, 64, True, 0), (8, 0, False, 8)])
+def test_cpu_kernel_equals_the_reference(bits, group, asym, act_bits):
     """The C++ FFI kernel against reference.quant_matmul: one row (decode), a few (speculative
     verify, small batches), more than a row tile, and N / K that are no multiple of the vector width
-    or the column block; K split across threads (384 rows), and a wide N (9000 > one block)."""
+    or the column block; K split across threads (384 rows), a wide N (9000 > one block), and K not
+    a multiple of 4 (W8A8's packed groups of four). W8A8 sums int8 products in int32 as the
+    reference's dot does, so it must equal it exactly."""
     from jaxinfer.kernels.quant_matmul import cpu, reference
 
     assert cpu.unsupported(jnp.ones((1, 8)), quantize(jnp.ones((8, 8)))) is None, "the CPU kernel did not build"
-    for (k, n) in [(384, 300), (128, 9000), (256, 7)]:
-        q = quantize(jax.random.normal(jax.random.key(k), (k, n)) * 0.1, bits, group, asym)
+    for (k, n) in [(384, 300), (128, 9000), (256, 7)] + ([(770, 45), (1030, 33)] if act_bits else []):
+        q = dataclasses.replace(quantize(jax.random.normal(jax.random.key(k), (k, n)) * 0.1, bits, group, asym),
+                                act_bits=act_bits)
         for m in (1, 3, 5, 37):
             x = jax.random.normal(jax.random.key(m), (m, k))
             want = np.asarray(reference.quant_matmul(x, q))
             got = np.asarray(jax.jit(cpu.quant_matmul)(x, q))
+            if act_bits:
+                np.testing.assert_array_equal(got, want, err_msg=f"{m}x{k}x{n}")
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max(), err_msg=f"{m}x{k}x{n}")
     x3 = jax.random.normal(jax.random.key(9), (2, 3, 256))  # leading axes are flattened and restored
     q = quantize(jax.random.normal(jax.random.key(8), (256, 24)), bits, group, asym)
@@ -147,12 +153,13 @@ def test_cpu_kernel_paths_for_other_instruction_sets(arch):
     script = """
 import jax, jax.numpy as jnp, numpy as np
 from jaxinfer.kernels.quant_matmul import cpu, reference, quantize
-for bits, group, asym in [(8, 0, False), (4, 32, False), (4, 64, True), (0, 0, False)]:
+import dataclasses
+for bits, group, asym, act in [(8, 0, False, 0), (4, 32, False, 0), (4, 64, True, 0), (0, 0, False, 0), (8, 0, False, 8)]:
     for m, k, n in [(1, 128, 40), (5, 256, 7), (37, 128, 300)]:
         x = jax.random.normal(jax.random.key(m), (m, k))
         w = jax.random.normal(jax.random.key(k + n), (k, n)) * 0.1
         if bits:
-            q = quantize(w, bits, group, asym)
+            q = dataclasses.replace(quantize(w, bits, group, asym), act_bits=act)
             want, got = reference.quant_matmul(x, q), jax.jit(cpu.quant_matmul)(x, q)
         else:
             want, got = jnp.dot(x, w, precision="highest"), jax.jit(cpu.float_matmul)(x, w)

@@ -68,17 +68,21 @@ def test_compiled_decode_reads_no_float_copy_of_a_quantized_weight(quant, head, 
 
 
 def test_w8a8_decodes_with_int8_dots_and_no_float_weight_copy():
-    """W8A8 on CPU runs the reference: XLA's int8 x int8 dot with int32 sums, reading the int8
-    weights as they are; the engine (paged) and the generator (dense) agree."""
-    model = quantized("w8a8", "auto")
-    got, engine = engine_run(model)
-    step = engine.step_hlo()
-    assert float_weight_copies(model, step) == []
-    int_dots = re.findall(r"= s32\[[\d,]*\]\{[\d,]*\} dot\(", step)
-    assert len(int_dots) >= 7 * CFG.num_layers, int_dots  # every linear layer (wq wk wv wo gate up down)
-    tokens, gen = generator_run(model)
-    assert float_weight_copies(model, gen.compiled_hlo()["decode"]) == []
-    assert got == tokens
+    """W8A8 on CPU: auto runs the cpu kernel (int8 x int8 with int32 sums, VNNI where the CPU has
+    it), the reference XLA's int8 dot; both read the int8 weights as they are and give the same
+    tokens, and the engine (paged) agrees with the generator (dense)."""
+    calls = {"auto": r"custom-call\([^)]*\), custom_call_target=\"JaxinferS8Matmul\"", "reference": r"dot\("}
+    runs = {}
+    for impl, op in calls.items():
+        model = quantized("w8a8", impl)
+        runs[impl], engine = engine_run(model)
+        step = engine.step_hlo()
+        assert float_weight_copies(model, step) == []
+        int_dots = re.findall(r"= s32\[[\d,]*\]\{[\d,]*\} " + op, step)
+        assert len(int_dots) >= 7 * CFG.num_layers, (impl, int_dots)  # every linear layer (wq wk wv wo gate up down)
+    tokens, gen = generator_run(quantized("w8a8", "auto"))
+    assert float_weight_copies(quantized("w8a8", "auto"), gen.compiled_hlo()["decode"]) == []
+    assert runs["auto"] == tokens == runs["reference"]
 
 
 def test_quantized_weights_are_stored_as_int8_and_packed_int4():

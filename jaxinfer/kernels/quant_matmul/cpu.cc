@@ -406,6 +406,121 @@ ffi::Error Int4AsymMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   return Int4Common(pool, x, w, scales.typed_data(), offsets.typed_data(), group, out);
 }
 
+// W8A8: int8 x [M, K] times int8 W [K, N] with exact int32 sums (cpu.py quantizes x per row and
+// applies both scales after, as reference.py does, so the result equals the reference's bit for
+// bit). The blocked structure above, over int8 panels: AVX-512 VNNI's vpdpbusd multiplies 64
+// unsigned x signed byte pairs and adds each four into an int32 lane, 4x the multiplies of a
+// float32 FMA per instruction. It needs four consecutive k of one column in a lane, so each task
+// packs its block of W as [KC / 4][NC][4] bytes while it reads it (no stored layout changes), and
+// x as unsigned bytes x + 128; the column sums of W, times 128, are subtracted at the end. Without
+// VNNI, plain loops over the same panels (same sums).
+constexpr int64_t S8_KC = 512;  // rows of K per int8 panel (S8_KC x NC bytes: 64 KiB)
+
+// Packs W[k0 : k0 + kc, n0 : n0 + nb] into panel[(g * ldp + j) * 4 + b] = W[k0 + 4g + b, n0 + j]
+// (zeros past K and past nb) and adds each column's sum to colsum[j].
+static void pack_s8(const int8_t* w, int64_t K, int64_t N, int64_t k0, int64_t kc, int64_t n0, int64_t nb,
+                    int8_t* panel, int64_t ldp, int32_t* colsum) {
+  static const int8_t zeros[NC] = {};
+  for (int64_t g = 0; g < kc / 4; ++g) {
+    const int8_t* r[4];
+    for (int b = 0; b < 4; ++b) r[b] = k0 + 4 * g + b < K ? w + (k0 + 4 * g + b) * N + n0 : zeros;
+    int8_t* dst = panel + g * ldp * 4;
+    int64_t j = 0;
+#if defined(__AVX512F__) || defined(__AVX2__)
+    for (; j + 16 <= nb; j += 16) {  // 4 rows x 16 columns -> 16 columns x 4 rows
+      const __m128i a0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r[0] + j));
+      const __m128i a1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r[1] + j));
+      const __m128i a2 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r[2] + j));
+      const __m128i a3 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r[3] + j));
+      const __m128i t0 = _mm_unpacklo_epi8(a0, a1), t1 = _mm_unpackhi_epi8(a0, a1);
+      const __m128i t2 = _mm_unpacklo_epi8(a2, a3), t3 = _mm_unpackhi_epi8(a2, a3);
+      __m128i* out = reinterpret_cast<__m128i*>(dst + j * 4);
+      _mm_storeu_si128(out, _mm_unpacklo_epi16(t0, t2));
+      _mm_storeu_si128(out + 1, _mm_unpackhi_epi16(t0, t2));
+      _mm_storeu_si128(out + 2, _mm_unpacklo_epi16(t1, t3));
+      _mm_storeu_si128(out + 3, _mm_unpackhi_epi16(t1, t3));
+    }
+#endif
+    for (; j < nb; ++j)
+      for (int b = 0; b < 4; ++b) dst[j * 4 + b] = r[b][j];
+    for (j = nb; j < ldp; ++j)
+      for (int b = 0; b < 4; ++b) dst[j * 4 + b] = 0;
+    for (j = 0; j < nb; ++j) colsum[j] += r[0][j] + r[1][j] + r[2][j] + r[3][j];
+  }
+}
+
+// c[m][0, ncols) (+)= sum over the panel's groups of xu[m] . panel: one register tile of kMr rows
+// x NR columns (two vectors of int32 lanes).
+template <int64_t kMr>
+static inline void tile_s8(const uint8_t* xu, int64_t ldx, const int8_t* panel, int64_t ldp, int64_t groups,
+                           int32_t* c, int64_t ldc, int64_t ncols, bool first) {
+#if defined(__AVX512VNNI__) && VW == 16
+  __m512i acc[kMr][2];
+  for (int64_t m = 0; m < kMr; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_si512();
+  for (int64_t g = 0; g < groups; ++g) {
+    const __m512i w0 = _mm512_loadu_si512(panel + g * ldp * 4), w1 = _mm512_loadu_si512(panel + g * ldp * 4 + 64);
+    for (int64_t m = 0; m < kMr; ++m) {
+      int32_t four;
+      std::memcpy(&four, xu + m * ldx + 4 * g, 4);
+      const __m512i xv = _mm512_set1_epi32(four);
+      acc[m][0] = _mm512_dpbusd_epi32(acc[m][0], xv, w0);
+      acc[m][1] = _mm512_dpbusd_epi32(acc[m][1], xv, w1);
+    }
+  }
+  int32_t tmp[32];
+  for (int64_t m = 0; m < kMr; ++m) {
+    _mm512_storeu_si512(tmp, acc[m][0]);
+    _mm512_storeu_si512(tmp + 16, acc[m][1]);
+    int32_t* cm = c + m * ldc;
+    for (int64_t j = 0; j < ncols; ++j) cm[j] = first ? tmp[j] : cm[j] + tmp[j];
+  }
+#else
+  for (int64_t m = 0; m < kMr; ++m)
+    for (int64_t j = 0; j < ncols; ++j) {
+      int32_t sum = 0;
+      for (int64_t g = 0; g < groups; ++g)
+        for (int b = 0; b < 4; ++b) sum += int32_t(xu[m * ldx + 4 * g + b]) * panel[(g * ldp + j) * 4 + b];
+      c[m * ldc + j] = first ? sum : c[m * ldc + j] + sum;
+    }
+#endif
+}
+
+constexpr int64_t S8_NR = 32;  // columns per int8 register tile
+
+ffi::Error S8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> w,
+                    ffi::ResultBuffer<ffi::S32> out) {
+  const int64_t M = x.dimensions()[0], K = x.dimensions()[1], N = w.dimensions()[1];
+  const int64_t K4 = (K + 3) / 4 * 4;
+  std::vector<uint8_t> xu(M * K4, 128);  // x + 128 as unsigned bytes; padding k: 128 x 0
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) xu[m * K4 + k] = static_cast<uint8_t>(x.typed_data()[m * K + k] + 128);
+  const int8_t* wp = w.typed_data();
+  int32_t* o = out->typed_data();
+  const uint8_t* xp = xu.data();
+  parallel_tasks(pool, (N + NC - 1) / NC, [=](int64_t b) {
+    const int64_t n0 = b * NC, nb = std::min(NC, N - n0), ldp = (nb + S8_NR - 1) / S8_NR * S8_NR;
+    thread_local std::vector<int8_t> panel_buf;
+    if (static_cast<int64_t>(panel_buf.size()) < S8_KC * ldp) panel_buf.resize(S8_KC * ldp);
+    int8_t* panel = panel_buf.data();
+    int32_t colsum[NC] = {};
+    for (int64_t k0 = 0; k0 < K4; k0 += S8_KC) {
+      const int64_t kc = std::min(S8_KC, K4 - k0);
+      pack_s8(wp, K, N, k0, kc, n0, nb, panel, ldp, colsum);
+      for (int64_t m0 = 0; m0 < M; m0 += MR) {
+        const int64_t mr = std::min(MR, M - m0);
+        for (int64_t j0 = 0; j0 < nb; j0 += S8_NR)
+          by_tile_rows(mr, [&](auto kMr) {
+            tile_s8<decltype(kMr)::value>(xp + m0 * K4 + k0, K4, panel + j0 * 4, ldp, kc / 4, o + m0 * N + n0 + j0, N,
+                                          std::min(S8_NR, nb - j0), k0 == 0);
+          });
+      }
+    }
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t j = 0; j < nb; ++j) o[m * N + n0 + j] -= 128 * colsum[j];
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferInt8Matmul, Int8Matmul,
@@ -441,3 +556,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferInt4AsymMatmul, Int4AsymMatmul,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("group"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferS8Matmul, S8Matmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>());

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinfer.kernels.quant_matmul.reference import QuantArray, check_features
+from jaxinfer.kernels.quant_matmul.reference import QuantArray, check_features, check_w8a8, quantize_activations
 
 SOURCE = Path(__file__).with_name("cpu.cc")
 # Every CPU kernel builds into one library: this file's matmuls, paged attention, their shared header.
@@ -40,7 +40,7 @@ HEADERS = (SOURCE.parent.parent / "cpu_common.h",)
 # has them); the tests build x86-64-v3 (AVX2) and x86-64 (plain loops) too, so every path is run.
 FLAGS = ("-O3", f"-march={os.environ.get('JAXINFER_KERNEL_ARCH', 'native')}", "-std=c++17", "-shared", "-fPIC")
 TARGETS = {"f32": "JaxinferF32Matmul", "int8": "JaxinferInt8Matmul", "int4": "JaxinferInt4Matmul", "int4_asym": "JaxinferInt4AsymMatmul",
-           "paged_attention": "JaxinferPagedAttention"}
+           "s8": "JaxinferS8Matmul", "paged_attention": "JaxinferPagedAttention"}
 
 
 def compiler() -> str | None:
@@ -114,8 +114,6 @@ def _unsupported(dtype_error: str | None) -> str | None:
 
 
 def unsupported(x, q: QuantArray) -> str | None:
-    if q.act_bits:
-        return "W8A8 (int8 activations) has no CPU kernel; the reference runs XLA's int8 dot"
     return _unsupported(None if x.dtype == jnp.float32 else f"activations must be float32, got {x.dtype}")
 
 
@@ -131,7 +129,12 @@ def quant_matmul(x, q: QuantArray):
     k, n = q.shape
     x2 = x.reshape(-1, k)
     out = jax.ShapeDtypeStruct((x2.shape[0], n), jnp.float32)
-    if q.bits == 8:
+    if q.act_bits:  # W8A8: the kernel sums int8 x int8 exactly; quantizing x and the scales are the reference's
+        check_w8a8(q)
+        xq, xs = quantize_activations(x2)
+        acc = jax.ffi.ffi_call(TARGETS["s8"], jax.ShapeDtypeStruct((x2.shape[0], n), jnp.int32))(xq, q.values)
+        y = acc.astype(jnp.float32) * xs * q.scales.astype(jnp.float32)
+    elif q.bits == 8:
         y = jax.ffi.ffi_call(TARGETS["int8"], out)(x2, q.values, q.scales)
     elif q.offsets is None:
         y = jax.ffi.ffi_call(TARGETS["int4"], out)(x2, q.values, q.scales, group=np.int64(q.group_size))
