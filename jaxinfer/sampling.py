@@ -44,6 +44,16 @@ class SamplingParams:
         )
 
 
+def argmax(x):
+    """The index of the first maximum along the last axis, as jnp.argmax (int32), in two plain
+    reductions (max, then the least index holding it): XLA CPU runs argmax's variadic (value,
+    index) reduce element by element, 2.5 ms for [32, 32000] logits against 0.4 ms this way (about
+    3% of a batch-32 decode step at the 124.7M shape). A NaN row gives its last index."""
+    top = jnp.max(x, axis=-1, keepdims=True)
+    idx = jnp.min(jnp.where(x == top, jnp.arange(x.shape[-1], dtype=jnp.int32), x.shape[-1]), axis=-1)
+    return jnp.minimum(idx, x.shape[-1] - 1)
+
+
 def allowed_logits(logits, p: SamplingParams):
     """Temperature-scaled logits with every token outside the top-k / top-p / min-p set at -inf.
 
@@ -81,9 +91,9 @@ def sample(logits, p: SamplingParams, step):
 
     def draw(_):
         drawn = jax.vmap(jax.random.categorical)(row_keys(p.seed, step), allowed_logits(logits, p))
-        return jnp.where(p.temperature > 0, drawn, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
+        return jnp.where(p.temperature > 0, drawn, argmax(logits)).astype(jnp.int32)
 
-    greedy = lambda _: jnp.argmax(logits, axis=-1).astype(jnp.int32)  # noqa: E731
+    greedy = lambda _: argmax(logits).astype(jnp.int32)  # noqa: E731
     tokens = jax.lax.cond(jnp.any(p.temperature > 0), draw, greedy, None)
     logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=-1)[:, 0]
     return tokens, logprobs
@@ -100,7 +110,7 @@ def row_keys(seed, index, purpose: int | None = None):
 def processed_probs(logits, p: SamplingParams):
     """logits [B, V] -> the distribution a row samples from [B, V]: temperature, top-k, top-p and
     min-p applied; a greedy row's is one-hot at the argmax."""
-    onehot = jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.float32)
+    onehot = jax.nn.one_hot(argmax(logits), logits.shape[-1], dtype=jnp.float32)
 
     def full(_):
         probs = jax.nn.softmax(allowed_logits(logits, p), axis=-1)
@@ -110,7 +120,7 @@ def processed_probs(logits, p: SamplingParams):
 
 def draw(logits, probs, p: SamplingParams, index, purpose: int):
     """One token per row from `probs` [B, V] (greedy rows: the argmax of `logits`)."""
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    greedy = argmax(logits).astype(jnp.int32)
 
     def sampled(_):  # random bits for V tokens per row cost more than the draft's forward on CPU
         drawn = jax.vmap(jax.random.categorical)(row_keys(p.seed, index, purpose), jnp.log(probs))
@@ -134,7 +144,7 @@ def verify(logits, drafts, q, p: SamplingParams, step):
     ar = jnp.arange(s)
 
     def greedy(_):
-        target = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B, k+1]
+        target = argmax(logits).astype(jnp.int32)  # [B, k+1]
         n = jnp.cumprod(drafts == target[:, :k], axis=1).sum(axis=1)
         return n, jnp.take_along_axis(target, n[:, None], axis=1)[:, 0]
 

@@ -10,7 +10,7 @@ import pytest
 from jaxinfer.config import ModelConfig, SamplingConfig
 from jaxinfer.generate import TRACES, Generator
 from jaxinfer.models import init_model
-from jaxinfer.sampling import SamplingParams, allowed_logits, sample
+from jaxinfer.sampling import SamplingParams, allowed_logits, argmax, sample
 
 CFG = ModelConfig(vocab_size=256, hidden_size=64, num_layers=2, num_q_heads=4, num_kv_heads=2, head_dim=16,
                   ffw_size=128, max_position_embeddings=256, init_std=0.2)
@@ -99,6 +99,18 @@ def test_sampler_never_leaves_the_allowed_set(top_k, top_p, min_p):
         assert want[i, tokens[:, i]].all()
         if want[i].sum() > 1:
             assert len(set(tokens[:, i])) > 1  # it does sample, not just argmax
+
+
+def test_argmax_is_jnps_first_maximum():
+    """sampling.argmax (two plain reductions) equals jnp.argmax: random rows, ties (the first
+    index wins), -inf entries, a constant row, one column."""
+    x = jax.random.normal(jax.random.key(0), (6, 5000))
+    x = x.at[1, 7].set(9.0).at[1, 4000].set(9.0).at[2].set(-jnp.inf).at[2, 4999].set(0.0).at[3].set(1.5)
+    x = x.at[4, :100].set(-jnp.inf)
+    got = jax.jit(argmax)(x)
+    assert got.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(jnp.argmax(x, axis=-1)))
+    assert int(argmax(jnp.ones((1, 1)))[0]) == 0
 
 
 def test_logprobs_are_the_models_log_softmax_of_the_chosen_tokens():
