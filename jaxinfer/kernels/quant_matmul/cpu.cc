@@ -408,32 +408,98 @@ ffi::Error Int4AsymMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
 
 // W8A8: int8 x [M, K] times int8 W [K, N] with exact int32 sums (cpu.py quantizes x per row and
 // applies both scales after, as reference.py does, so the result equals the reference's bit for
-// bit). The blocked structure above, over int8 panels: AVX-512 VNNI's vpdpbusd multiplies 64
-// unsigned x signed byte pairs and adds each four into an int32 lane, 4x the multiplies of a
-// float32 FMA per instruction. It needs four consecutive k of one column in a lane, so each task
-// packs its block of W as [KC / 4][NC][4] bytes while it reads it (no stored layout changes), and
-// x as unsigned bytes x + 128; the column sums of W, times 128, are subtracted at the end. Without
-// VNNI, plain loops over the same panels (same sums).
+// bit). AVX-512 VNNI's vpdpbusd multiplies 64 unsigned x signed byte pairs and adds each four into
+// an int32 lane: 4x the multiplies of a float32 FMA an instruction. Its unsigned operand is W with
+// the sign bit flipped (W + 128) and its signed one x, so the sums carry 128 * sum(x[m]) extra,
+// subtracted at the end (one number a row). A lane needs four consecutive k of one column, so W's
+// rows are interleaved four at a time as they are read (the stored layout is unchanged):
+// - up to MT rows of x (decode): whole rows of W streamed as the other kernels do, 4 x 64 bytes
+//   interleaved in registers, the sums kept in L1 in that interleaved column order and put back
+//   in order at the end;
+// - more rows: the blocked structure above over int8 panels [KC / 4][NC][4] each task packs.
+// Without VNNI, plain loops compute the same sums in plain column order.
+#if defined(__AVX512VNNI__) && VW == 16
+#define S8_VNNI 1
+#else
+#define S8_VNNI 0
+#endif
 constexpr int64_t S8_KC = 512;  // rows of K per int8 panel (S8_KC x NC bytes: 64 KiB)
+constexpr int64_t S8_NR = 32;   // columns per int8 register tile
+constexpr int64_t S8_STRIP = 64;  // columns a streaming step interleaves (four vectors of 16 lanes)
 
-// Packs W[k0 : k0 + kc, n0 : n0 + nb] into panel[(g * ldp + j) * 4 + b] = W[k0 + 4g + b, n0 + j]
-// (zeros past K and past nb) and adds each column's sum to colsum[j].
+// 4 rows x 64 bytes of W (r[b] + j) as four vectors of 16 int32 lanes of four (W + 128) bytes: lane
+// i of vector s holds column j + 16 * (i / 4) + 4 * s + i % 4 (the byte unpacks work per 128-bit lane).
+#if S8_VNNI
+static inline void interleave4(const int8_t* const* r, int64_t j, __m512i* u) {
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  __m512i a[4];
+  for (int b = 0; b < 4; ++b) a[b] = _mm512_xor_si512(_mm512_loadu_si512(r[b] + j), flip);
+  const __m512i t0 = _mm512_unpacklo_epi8(a[0], a[1]), t1 = _mm512_unpackhi_epi8(a[0], a[1]);
+  const __m512i t2 = _mm512_unpacklo_epi8(a[2], a[3]), t3 = _mm512_unpackhi_epi8(a[2], a[3]);
+  u[0] = _mm512_unpacklo_epi16(t0, t2), u[1] = _mm512_unpackhi_epi16(t0, t2);
+  u[2] = _mm512_unpacklo_epi16(t1, t3), u[3] = _mm512_unpackhi_epi16(t1, t3);
+}
+#endif
+
+// The column a streamed sum at position p of a strip belongs to (see interleave4).
+static inline int64_t strip_column(int64_t p) {
+  return S8_VNNI ? 16 * ((p % 16) / 4) + 4 * (p / 16) + p % 4 : p;
+}
+
+// acc[m * nb + j] = sum over k in [k0, k1) of x[m, k] * (W[k, n0 + j] + 128), k stepping by four
+// (x padded with zeros to a multiple of four), for kMt rows of x: full strips in strip order.
+template <int64_t kMt>
+static void s8_rows(const int8_t* x, int64_t ldx, const int8_t* w, int64_t K, int64_t N, int64_t n0, int64_t nb,
+                    int64_t k0, int64_t k1, int32_t* acc) {
+  static const int8_t zeros[NB] = {};
+  std::fill(acc, acc + kMt * nb, 0);
+  for (int64_t k = k0; k < k1; k += 4) {
+    const int8_t* r[4];
+    for (int b = 0; b < 4; ++b) r[b] = k + b < K ? w + (k + b) * N + n0 : zeros;
+    int64_t j = 0;
+#if S8_VNNI
+    __m512i xv[kMt];
+    for (int64_t m = 0; m < kMt; ++m) {
+      int32_t four;
+      std::memcpy(&four, x + m * ldx + k, 4);
+      xv[m] = _mm512_set1_epi32(four);
+    }
+    for (; j + S8_STRIP <= nb; j += S8_STRIP) {
+      __m512i u[4];
+      interleave4(r, j, u);
+      for (int64_t m = 0; m < kMt; ++m)
+        for (int v = 0; v < 4; ++v) {
+          int32_t* a = acc + m * nb + j + 16 * v;
+          _mm512_storeu_si512(a, _mm512_dpbusd_epi32(_mm512_loadu_si512(a), u[v], xv[m]));
+        }
+    }
+#endif
+    for (; j < nb; ++j)
+      for (int64_t m = 0; m < kMt; ++m) {
+        int32_t sum = 0;
+        for (int b = 0; b < 4; ++b) sum += int32_t(x[m * ldx + k + b]) * (int32_t(r[b][j]) + 128);
+        acc[m * nb + j] += sum;
+      }
+  }
+}
+
+// Packs W[k0 : k0 + kc, n0 : n0 + nb] + 128 into panel[(g * ldp + j) * 4 + b] = W[k0 + 4g + b, n0 + j]
+// + 128 (128, i.e. W = 0, past K and past nb).
 static void pack_s8(const int8_t* w, int64_t K, int64_t N, int64_t k0, int64_t kc, int64_t n0, int64_t nb,
-                    int8_t* panel, int64_t ldp, int32_t* colsum) {
+                    uint8_t* panel, int64_t ldp) {
   static const int8_t zeros[NC] = {};
   for (int64_t g = 0; g < kc / 4; ++g) {
     const int8_t* r[4];
     for (int b = 0; b < 4; ++b) r[b] = k0 + 4 * g + b < K ? w + (k0 + 4 * g + b) * N + n0 : zeros;
-    int8_t* dst = panel + g * ldp * 4;
+    uint8_t* dst = panel + g * ldp * 4;
     int64_t j = 0;
 #if defined(__AVX512F__) || defined(__AVX2__)
+    const __m128i flip = _mm_set1_epi8(static_cast<char>(0x80));
     for (; j + 16 <= nb; j += 16) {  // 4 rows x 16 columns -> 16 columns x 4 rows
-      const __m128i a0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r[0] + j));
-      const __m128i a1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r[1] + j));
-      const __m128i a2 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r[2] + j));
-      const __m128i a3 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r[3] + j));
-      const __m128i t0 = _mm_unpacklo_epi8(a0, a1), t1 = _mm_unpackhi_epi8(a0, a1);
-      const __m128i t2 = _mm_unpacklo_epi8(a2, a3), t3 = _mm_unpackhi_epi8(a2, a3);
+      __m128i a[4];
+      for (int b = 0; b < 4; ++b) a[b] = _mm_xor_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r[b] + j)), flip);
+      const __m128i t0 = _mm_unpacklo_epi8(a[0], a[1]), t1 = _mm_unpackhi_epi8(a[0], a[1]);
+      const __m128i t2 = _mm_unpacklo_epi8(a[2], a[3]), t3 = _mm_unpackhi_epi8(a[2], a[3]);
       __m128i* out = reinterpret_cast<__m128i*>(dst + j * 4);
       _mm_storeu_si128(out, _mm_unpacklo_epi16(t0, t2));
       _mm_storeu_si128(out + 1, _mm_unpackhi_epi16(t0, t2));
@@ -442,32 +508,31 @@ static void pack_s8(const int8_t* w, int64_t K, int64_t N, int64_t k0, int64_t k
     }
 #endif
     for (; j < nb; ++j)
-      for (int b = 0; b < 4; ++b) dst[j * 4 + b] = r[b][j];
+      for (int b = 0; b < 4; ++b) dst[j * 4 + b] = static_cast<uint8_t>(r[b][j] + 128);
     for (j = nb; j < ldp; ++j)
-      for (int b = 0; b < 4; ++b) dst[j * 4 + b] = 0;
-    for (j = 0; j < nb; ++j) colsum[j] += r[0][j] + r[1][j] + r[2][j] + r[3][j];
+      for (int b = 0; b < 4; ++b) dst[j * 4 + b] = 128;
   }
 }
 
-// c[m][0, ncols) (+)= sum over the panel's groups of xu[m] . panel: one register tile of kMr rows
-// x NR columns (two vectors of int32 lanes).
+// c[m][0, ncols) (+)= sum over the panel's groups of x[m] . panel: one register tile of kMr rows
+// x S8_NR columns (two vectors of int32 lanes).
 template <int64_t kMr>
-static inline void tile_s8(const uint8_t* xu, int64_t ldx, const int8_t* panel, int64_t ldp, int64_t groups,
+static inline void tile_s8(const int8_t* x, int64_t ldx, const uint8_t* panel, int64_t ldp, int64_t groups,
                            int32_t* c, int64_t ldc, int64_t ncols, bool first) {
-#if defined(__AVX512VNNI__) && VW == 16
+#if S8_VNNI
   __m512i acc[kMr][2];
   for (int64_t m = 0; m < kMr; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_si512();
   for (int64_t g = 0; g < groups; ++g) {
     const __m512i w0 = _mm512_loadu_si512(panel + g * ldp * 4), w1 = _mm512_loadu_si512(panel + g * ldp * 4 + 64);
     for (int64_t m = 0; m < kMr; ++m) {
       int32_t four;
-      std::memcpy(&four, xu + m * ldx + 4 * g, 4);
+      std::memcpy(&four, x + m * ldx + 4 * g, 4);
       const __m512i xv = _mm512_set1_epi32(four);
-      acc[m][0] = _mm512_dpbusd_epi32(acc[m][0], xv, w0);
-      acc[m][1] = _mm512_dpbusd_epi32(acc[m][1], xv, w1);
+      acc[m][0] = _mm512_dpbusd_epi32(acc[m][0], w0, xv);
+      acc[m][1] = _mm512_dpbusd_epi32(acc[m][1], w1, xv);
     }
   }
-  int32_t tmp[32];
+  int32_t tmp[S8_NR];
   for (int64_t m = 0; m < kMr; ++m) {
     _mm512_storeu_si512(tmp, acc[m][0]);
     _mm512_storeu_si512(tmp + 16, acc[m][1]);
@@ -479,45 +544,73 @@ static inline void tile_s8(const uint8_t* xu, int64_t ldx, const int8_t* panel, 
     for (int64_t j = 0; j < ncols; ++j) {
       int32_t sum = 0;
       for (int64_t g = 0; g < groups; ++g)
-        for (int b = 0; b < 4; ++b) sum += int32_t(xu[m * ldx + 4 * g + b]) * panel[(g * ldp + j) * 4 + b];
+        for (int b = 0; b < 4; ++b) sum += int32_t(x[m * ldx + 4 * g + b]) * panel[(g * ldp + j) * 4 + b];
       c[m * ldc + j] = first ? sum : c[m * ldc + j] + sum;
     }
 #endif
 }
 
-constexpr int64_t S8_NR = 32;  // columns per int8 register tile
+// Up to MT rows: (K range, column block) tasks as in drive(), int32 partial sums per K range,
+// added and put back in column order by the caller.
+static void s8_stream(ffi::ThreadPool& pool, const int8_t* x, int64_t M, int64_t K4, const int8_t* w, int64_t K,
+                      int64_t N, int32_t* out) {
+  const Plan plan(K4, N, 4, pool.num_threads());
+  thread_local std::vector<int32_t> partial_buf;
+  if (static_cast<int64_t>(partial_buf.size()) < plan.splits * M * N) partial_buf.resize(plan.splits * M * N);
+  int32_t* partial = partial_buf.data();
+  parallel_tasks(pool, plan.splits * plan.blocks, [=, &plan](int64_t t) {
+    const int64_t split = t / plan.blocks, n0 = (t % plan.blocks) * NB, nb = std::min(NB, N - n0);
+    const int64_t k0 = split * plan.unit_rows, k1 = std::min(K4, k0 + plan.unit_rows);
+    int32_t* acc = partial + split * M * N + M * n0;  // this block's [M, nb]
+    by_rows(M, [&](auto kMt) { s8_rows<decltype(kMt)::value>(x, K4, w, K, N, n0, nb, k0, k1, acc); });
+  });
+  for (int64_t n0 = 0; n0 < N; n0 += NB) {
+    const int64_t nb = std::min(NB, N - n0), full = S8_VNNI ? nb / S8_STRIP * S8_STRIP : 0;
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t j = 0; j < nb; ++j) {
+        int32_t sum = 0;
+        for (int64_t s = 0; s < plan.splits; ++s) sum += partial[s * M * N + M * n0 + m * nb + j];
+        const int64_t col = j < full ? j / S8_STRIP * S8_STRIP + strip_column(j % S8_STRIP) : j;
+        out[m * N + n0 + col] = sum;
+      }
+  }
+}
 
 ffi::Error S8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> w,
                     ffi::ResultBuffer<ffi::S32> out) {
   const int64_t M = x.dimensions()[0], K = x.dimensions()[1], N = w.dimensions()[1];
   const int64_t K4 = (K + 3) / 4 * 4;
-  std::vector<uint8_t> xu(M * K4, 128);  // x + 128 as unsigned bytes; padding k: 128 x 0
+  std::vector<int8_t> xpad(M * K4, 0);  // x with K padded to whole groups of four
+  std::vector<int32_t> xsum(M, 0);
   for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k < K; ++k) xu[m * K4 + k] = static_cast<uint8_t>(x.typed_data()[m * K + k] + 128);
+    for (int64_t k = 0; k < K; ++k) xsum[m] += xpad[m * K4 + k] = x.typed_data()[m * K + k];
   const int8_t* wp = w.typed_data();
+  const int8_t* xp = xpad.data();
   int32_t* o = out->typed_data();
-  const uint8_t* xp = xu.data();
-  parallel_tasks(pool, (N + NC - 1) / NC, [=](int64_t b) {
-    const int64_t n0 = b * NC, nb = std::min(NC, N - n0), ldp = (nb + S8_NR - 1) / S8_NR * S8_NR;
-    thread_local std::vector<int8_t> panel_buf;
-    if (static_cast<int64_t>(panel_buf.size()) < S8_KC * ldp) panel_buf.resize(S8_KC * ldp);
-    int8_t* panel = panel_buf.data();
-    int32_t colsum[NC] = {};
-    for (int64_t k0 = 0; k0 < K4; k0 += S8_KC) {
-      const int64_t kc = std::min(S8_KC, K4 - k0);
-      pack_s8(wp, K, N, k0, kc, n0, nb, panel, ldp, colsum);
-      for (int64_t m0 = 0; m0 < M; m0 += MR) {
-        const int64_t mr = std::min(MR, M - m0);
-        for (int64_t j0 = 0; j0 < nb; j0 += S8_NR)
-          by_tile_rows(mr, [&](auto kMr) {
-            tile_s8<decltype(kMr)::value>(xp + m0 * K4 + k0, K4, panel + j0 * 4, ldp, kc / 4, o + m0 * N + n0 + j0, N,
-                                          std::min(S8_NR, nb - j0), k0 == 0);
-          });
+  if (M <= MT) {
+    s8_stream(pool, xp, M, K4, wp, K, N, o);
+  } else {
+    parallel_tasks(pool, (N + NC - 1) / NC, [=](int64_t b) {
+      const int64_t n0 = b * NC, nb = std::min(NC, N - n0), ldp = (nb + S8_NR - 1) / S8_NR * S8_NR;
+      thread_local std::vector<uint8_t> panel_buf;
+      if (static_cast<int64_t>(panel_buf.size()) < S8_KC * ldp) panel_buf.resize(S8_KC * ldp);
+      uint8_t* panel = panel_buf.data();
+      for (int64_t k0 = 0; k0 < K4; k0 += S8_KC) {
+        const int64_t kc = std::min(S8_KC, K4 - k0);
+        pack_s8(wp, K, N, k0, kc, n0, nb, panel, ldp);
+        for (int64_t m0 = 0; m0 < M; m0 += MR) {
+          const int64_t mr = std::min(MR, M - m0);
+          for (int64_t j0 = 0; j0 < nb; j0 += S8_NR)
+            by_tile_rows(mr, [&](auto kMr) {
+              tile_s8<decltype(kMr)::value>(xp + m0 * K4 + k0, K4, panel + j0 * 4, ldp, kc / 4, o + m0 * N + n0 + j0,
+                                            N, std::min(S8_NR, nb - j0), k0 == 0);
+            });
+        }
       }
-    }
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t j = 0; j < nb; ++j) o[m * N + n0 + j] -= 128 * colsum[j];
-  });
+    });
+  }
+  for (int64_t m = 0; m < M; ++m)  // the sums hold (W + 128) . x
+    for (int64_t n = 0; n < N; ++n) o[m * N + n] -= 128 * xsum[m];
   return ffi::Error::Success();
 }
 
