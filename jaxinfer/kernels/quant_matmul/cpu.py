@@ -2,7 +2,9 @@
 call and never build a float copy of the weight (`reference.py` is the specification), and the
 same kernels over float32 W (`float_matmul`). Up to 4 rows of x each weight vector is read once for
 every row; above that each block of W is widened once into a float panel and multiplied with
-register tiles of x (the GEMM micro-kernel of cpu.cc's blocked path).
+register tiles of x (the GEMM micro-kernel of cpu.cc's blocked path). W8A8 (`act_bits=8`): the
+kernel sums int8 x int8 in int32 (AVX-512 VNNI where the CPU has it) and nothing else; quantizing x
+and the scales are the reference's own jnp, so the two agree bit for bit.
 
 Why a custom call: XLA's CPU backend has no fast path for it. Its int8 x int8 -> int32 dot is a
 scalar loop at M = 1, every library fusion (XNNPACK, YNNPACK, oneDNN) packs the weight on each call
