@@ -93,7 +93,7 @@ def sample(logits, p: SamplingParams, step):
         drawn = jax.vmap(jax.random.categorical)(row_keys(p.seed, step), allowed_logits(logits, p))
         return jnp.where(p.temperature > 0, drawn, argmax(logits)).astype(jnp.int32)
 
-    greedy = lambda _: argmax(logits).astype(jnp.int32)  # noqa: E731
+    greedy = lambda _: argmax(logits)  # noqa: E731
     tokens = jax.lax.cond(jnp.any(p.temperature > 0), draw, greedy, None)
     logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=-1)[:, 0]
     return tokens, logprobs
@@ -120,7 +120,7 @@ def processed_probs(logits, p: SamplingParams):
 
 def draw(logits, probs, p: SamplingParams, index, purpose: int):
     """One token per row from `probs` [B, V] (greedy rows: the argmax of `logits`)."""
-    greedy = argmax(logits).astype(jnp.int32)
+    greedy = argmax(logits)
 
     def sampled(_):  # random bits for V tokens per row cost more than the draft's forward on CPU
         drawn = jax.vmap(jax.random.categorical)(row_keys(p.seed, index, purpose), jnp.log(probs))
@@ -144,7 +144,7 @@ def verify(logits, drafts, q, p: SamplingParams, step):
     ar = jnp.arange(s)
 
     def greedy(_):
-        target = argmax(logits).astype(jnp.int32)  # [B, k+1]
+        target = argmax(logits)  # [B, k+1]
         n = jnp.cumprod(drafts == target[:, :k], axis=1).sum(axis=1)
         return n, jnp.take_along_axis(target, n[:, None], axis=1)[:, 0]
 

@@ -103,15 +103,13 @@ def _build_error() -> str | None:
 
 def platform_problem() -> str | None:
     """Why no CPU kernel runs here (the platform, then the build), or None."""
-    if sys.platform == "win32":
-        return "the CPU kernel is built for Linux and macOS"
-    return _build_error()
+    return _unsupported(None)
 
 
 def _unsupported(dtype_error: str | None) -> str | None:
     """Why the kernel cannot run here: the platform, the dtypes, then the build."""
     if sys.platform == "win32":
-        return platform_problem()
+        return "the CPU kernel is built for Linux and macOS"
     return dtype_error or _build_error()
 
 
